@@ -1,0 +1,368 @@
+// Python bindings (module llamacpu._core). Everything that crosses from Python is checked
+// here (dtype, shape, strides, bounds) before a kernel sees a pointer, and every op releases
+// the GIL while it runs.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdlib>
+#include <memory>
+#include <stdexcept>
+#include <string>
+
+#include "backend.h"
+#include "cpu.h"
+#include "quantize.h"
+#include "sampler.h"
+
+namespace py = pybind11;
+using namespace llamacpu;
+
+namespace {
+
+// A weight matrix viewing a Python buffer (normally the model file's mmap), which stays
+// exported, and so alive and unclosable, for as long as this object exists.
+struct PyMatrix {
+    Matrix m;
+    std::unique_ptr<py::buffer_info> view;
+};
+
+std::shared_ptr<PyMatrix> make_matrix(py::buffer buf, int64_t offset, int32_t dtype, int64_t rows, int64_t cols) {
+    auto info = std::make_unique<py::buffer_info>(buf.request());
+    const int64_t size = info->size * info->itemsize;
+    const int64_t need = matrix_bytes(dtype, rows, cols);
+    if (need < 0) throw std::invalid_argument("matrix: bad dtype or shape");
+    if (offset < 0 || offset > size || need > size - offset)
+        throw std::invalid_argument("matrix: data lies outside the buffer");
+    auto pm = std::make_shared<PyMatrix>();
+    pm->m.dtype = dtype;
+    pm->m.rows = rows;
+    pm->m.cols = cols;
+    pm->m.data = static_cast<const uint8_t*>(info->ptr) + offset;
+    pm->view = std::move(info);
+    return pm;
+}
+
+// A float32 array seen as rows with a row stride: 1-D arrays are one row.
+struct Rows {
+    float* p;
+    int64_t rows, cols, ld;
+};
+
+template <typename T>
+void check_dtype(const py::array& a, const char* name) {
+    if (!py::dtype::of<T>().is(a.dtype()))
+        throw std::invalid_argument(std::string(name) + ": wrong dtype " + std::string(py::str(a.dtype())));
+}
+
+Rows rows_of(py::array& a, const char* name, bool writable) {
+    check_dtype<float>(a, name);
+    if (writable && !a.writeable()) throw std::invalid_argument(std::string(name) + ": array is read-only");
+    Rows r;
+    r.p = static_cast<float*>(const_cast<void*>(a.data()));
+    if (a.ndim() == 1) {
+        if (a.strides(0) != 4 && a.shape(0) > 1) throw std::invalid_argument(std::string(name) + ": not contiguous");
+        r.rows = 1;
+        r.cols = a.shape(0);
+        r.ld = r.cols;
+    } else if (a.ndim() == 2) {
+        r.rows = a.shape(0);
+        r.cols = a.shape(1);
+        if (r.cols > 1 && a.strides(1) != 4) throw std::invalid_argument(std::string(name) + ": rows not contiguous");
+        if (a.strides(0) % 4 || (r.rows > 1 && a.strides(0) < r.cols * 4))
+            throw std::invalid_argument(std::string(name) + ": bad row stride");
+        r.ld = r.rows > 1 ? a.strides(0) / 4 : r.cols;
+    } else {
+        throw std::invalid_argument(std::string(name) + ": must be 1-D or 2-D");
+    }
+    return r;
+}
+
+template <typename T>
+const T* vec_of(py::array& a, const char* name, int64_t n) {
+    check_dtype<T>(a, name);
+    if (a.ndim() != 1 || (a.shape(0) > 1 && a.strides(0) != sizeof(T)))
+        throw std::invalid_argument(std::string(name) + ": must be a contiguous 1-D array");
+    if (a.shape(0) < n) throw std::invalid_argument(std::string(name) + ": too short");
+    return static_cast<const T*>(a.data());
+}
+
+void need(bool ok, const char* what) {
+    if (!ok) throw std::invalid_argument(what);
+}
+
+const KernelTable* table_or_throw(const std::string& isa) {
+    const KernelTable* k = find_table(isa);
+    if (!k) {
+        std::string names;
+        for (const KernelTable* t : usable_tables()) names += std::string(names.empty() ? "" : ", ") + t->name;
+        throw std::invalid_argument("instruction set '" + isa + "' is not available on this CPU (available: " + names + ")");
+    }
+    return k;
+}
+
+void check_positions(const int32_t* pos, int64_t n, int64_t limit) {
+    for (int64_t i = 0; i < n; ++i)
+        if (pos[i] < 0 || pos[i] >= limit) throw std::invalid_argument("position outside the context");
+}
+
+class PyBackend {
+public:
+    PyBackend(int n_threads, const std::string& isa) : b_(make_cpu_backend(n_threads, table_or_throw(isa))) {}
+
+    std::string name() const { return b_->name(); }
+    int n_threads() const { return b_->n_threads(); }
+
+    void matmul(const PyMatrix& w, py::array x, py::array out, bool accumulate) {
+        Rows xr = rows_of(x, "x", false), o = rows_of(out, "out", true);
+        need(xr.cols == w.m.cols, "matmul: x columns != weight columns");
+        need(o.cols == w.m.rows, "matmul: out columns != weight rows");
+        need(xr.rows == o.rows, "matmul: x rows != out rows");
+        py::gil_scoped_release nogil;
+        b_->matmul(w.m, xr.p, xr.rows, xr.ld, o.p, o.ld, accumulate);
+    }
+
+    void rmsnorm(py::array x, py::array w, float eps, py::array out) {
+        Rows xr = rows_of(x, "x", false), o = rows_of(out, "out", true);
+        need(xr.rows == o.rows && xr.cols == o.cols, "rmsnorm: x and out differ in shape");
+        const float* wp = vec_of<float>(w, "w", xr.cols);
+        py::gil_scoped_release nogil;
+        b_->rmsnorm(xr.p, xr.rows, xr.ld, wp, xr.cols, eps, o.p, o.ld);
+    }
+
+    void rope(py::array x, int64_t n_heads, int64_t hd, py::array pos, py::array table) {
+        Rows xr = rows_of(x, "x", true);
+        need(n_heads > 0 && hd > 0 && hd % 2 == 0 && n_heads * hd <= xr.cols, "rope: bad head shape");
+        const int32_t* pp = vec_of<int32_t>(pos, "pos", xr.rows);
+        check_dtype<float>(table, "table");
+        need(table.ndim() == 3 && table.shape(1) == 2 && table.shape(2) == hd && table.flags() & py::array::c_style,
+             "rope: table must be C-contiguous [n, 2, head_dim]");
+        check_positions(pp, xr.rows, table.shape(0));
+        const float* tp = static_cast<const float*>(table.data());
+        py::gil_scoped_release nogil;
+        b_->rope(xr.p, xr.rows, xr.ld, n_heads, hd, pp, tp);
+    }
+
+    void kv_store(KVCache& c, int64_t layer, py::array k, py::array v, py::array pos) {
+        Rows kr = rows_of(k, "k", false), vr = rows_of(v, "v", false);
+        need(layer >= 0 && layer < c.n_layers, "kv_store: layer out of range");
+        need(kr.rows == vr.rows && kr.cols == c.n_kv_heads * c.head_dim && vr.cols == kr.cols, "kv_store: bad shape");
+        const int32_t* pp = vec_of<int32_t>(pos, "pos", kr.rows);
+        check_positions(pp, kr.rows, c.n_ctx);
+        py::gil_scoped_release nogil;
+        b_->kv_store(c, layer, kr.p, kr.ld, vr.p, vr.ld, kr.rows, pp);
+    }
+
+    void attention(KVCache& c, int64_t layer, py::array q, py::array pos, int64_t n_heads, float scale, py::array out) {
+        Rows qr = rows_of(q, "q", false), o = rows_of(out, "out", true);
+        need(layer >= 0 && layer < c.n_layers, "attention: layer out of range");
+        need(n_heads > 0 && n_heads % c.n_kv_heads == 0, "attention: heads not a multiple of kv heads");
+        need(qr.cols == n_heads * c.head_dim && o.cols == qr.cols && o.rows == qr.rows, "attention: bad shape");
+        const int32_t* pp = vec_of<int32_t>(pos, "pos", qr.rows);
+        check_positions(pp, qr.rows, c.n_ctx);
+        py::gil_scoped_release nogil;
+        b_->attention(c, layer, qr.p, qr.ld, qr.rows, pp, n_heads, scale, o.p, o.ld);
+    }
+
+    void silu_mul(py::array gu, py::array out) {
+        Rows g = rows_of(gu, "gu", false), o = rows_of(out, "out", true);
+        need(g.rows == o.rows && g.cols == 2 * o.cols, "silu_mul: gu must be [n, 2*m] for out [n, m]");
+        py::gil_scoped_release nogil;
+        b_->silu_mul(g.p, g.rows, g.ld, o.cols, o.p, o.ld);
+    }
+
+    void embed(const PyMatrix& w, py::array tokens, py::array out) {
+        Rows o = rows_of(out, "out", true);
+        need(o.cols == w.m.cols, "embed: out columns != table columns");
+        const int32_t* tp = vec_of<int32_t>(tokens, "tokens", o.rows);
+        for (int64_t i = 0; i < o.rows; ++i)
+            if (tp[i] < 0 || tp[i] >= w.m.rows) throw std::invalid_argument("embed: token id out of range");
+        py::gil_scoped_release nogil;
+        b_->embed(w.m, tp, o.rows, o.p, o.ld);
+    }
+
+    void kv_shift(KVCache& c, int64_t keep, int64_t discard, int64_t used, py::array rot) {
+        need(keep >= 0 && discard > 0 && keep + discard <= used && used <= c.n_ctx, "kv_shift: bad range");
+        const float* rp = vec_of<float>(rot, "rot", 2 * c.head_dim);
+        py::gil_scoped_release nogil;
+        b_->kv_shift(c, keep, discard, used, rp);
+    }
+
+private:
+    std::unique_ptr<Backend> b_;
+};
+
+// Direct access to single kernels of one table, for the tests that compare each SIMD path
+// with the scalar reference on the same inputs.
+class PyKernels {
+public:
+    explicit PyKernels(const std::string& isa) : k_(table_or_throw(isa)) {}
+    std::string name() const { return k_->name; }
+
+    py::tuple quantize_row_q8(py::array x) {
+        Rows xr = rows_of(x, "x", false);
+        need(xr.rows == 1 && xr.cols % kBlock == 0, "quantize_row_q8: 1-D, length a multiple of 32");
+        const int64_t nb = xr.cols / kBlock;
+        py::array_t<int8_t> q(xr.cols);
+        py::array_t<float> d(nb);
+        py::array_t<int32_t> s(nb);
+        k_->quantize_row_q8(xr.p, xr.cols, q.mutable_data(), d.mutable_data(), s.mutable_data());
+        return py::make_tuple(q, d, s);
+    }
+
+    void softmax(py::array x) {
+        Rows xr = rows_of(x, "x", true);
+        need(xr.rows == 1, "softmax: 1-D");
+        k_->softmax(xr.p, xr.cols);
+    }
+
+    void attention(py::array q, py::array k, py::array v, int64_t n_rep, float scale, py::array out) {
+        Rows qr = rows_of(q, "q", false), o = rows_of(out, "out", true);
+        need(k.ndim() == 2 && v.ndim() == 2 && k.shape(0) == v.shape(0) && k.shape(1) == v.shape(1), "k, v: [n_pos, hd]");
+        need((k.flags() & py::array::c_style) && (v.flags() & py::array::c_style), "k, v: C-contiguous");
+        const bool f16 = py::dtype::of<uint16_t>().is(k.dtype());
+        if (f16) check_dtype<uint16_t>(v, "v"); else { check_dtype<float>(k, "k"); check_dtype<float>(v, "v"); }
+        const int64_t n_pos = k.shape(0), hd = k.shape(1);
+        need(n_pos > 0 && qr.rows == 1 && qr.cols == n_rep * hd && o.cols == qr.cols, "attention: bad shape");
+        std::vector<float> scores(static_cast<size_t>(n_pos));
+        k_->attention(qr.p, k.data(), v.data(), f16, n_pos, hd, n_rep, scale, scores.data(), o.p);
+    }
+
+private:
+    const KernelTable* k_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+    m.doc() = "llamacpu kernels, CPU backend, sampler and quantizers";
+
+    m.attr("F32") = int(kF32);
+    m.attr("F16") = int(kF16);
+    m.attr("Q8_0") = int(kQ8_0);
+    m.attr("Q4_0") = int(kQ4_0);
+    m.attr("TILE_ROWS") = kTileRows;
+    m.attr("BLOCK") = kBlock;
+
+    m.def("matrix_bytes", &matrix_bytes, "Bytes of a [rows, cols] matrix of a type; -1 if not allowed",
+          py::arg("dtype"), py::arg("rows"), py::arg("cols"));
+
+    m.def("cpu_features", [] {
+        const CpuFeatures& f = cpu_features();
+        py::dict d;
+        d["brand"] = f.brand;
+        d["avx2"] = f.avx2;
+        d["fma"] = f.fma;
+        d["f16c"] = f.f16c;
+        d["avx512f"] = f.avx512f;
+        d["avx512bw"] = f.avx512bw;
+        d["avx512vl"] = f.avx512vl;
+        d["avx512vnni"] = f.avx512vnni;
+        d["neon"] = f.neon;
+        d["dotprod"] = f.dotprod;
+        return d;
+    });
+    m.def("usable_isas", [] {
+        std::vector<std::string> names;
+        for (const KernelTable* k : usable_tables()) names.push_back(k->name);
+        return names;
+    }, "Instruction-set paths this build has and this CPU runs, best first");
+
+    py::class_<PyMatrix, std::shared_ptr<PyMatrix>>(m, "Matrix")
+        .def(py::init(&make_matrix), py::arg("buffer"), py::arg("offset"), py::arg("dtype"), py::arg("rows"),
+             py::arg("cols"))
+        .def_property_readonly("dtype", [](const PyMatrix& p) { return p.m.dtype; })
+        .def_property_readonly("rows", [](const PyMatrix& p) { return p.m.rows; })
+        .def_property_readonly("cols", [](const PyMatrix& p) { return p.m.cols; })
+        .def("dequantize_row", [](const PyMatrix& p, int64_t r) {
+            if (r < 0 || r >= p.m.rows) throw std::invalid_argument("row out of range");
+            py::array_t<float> out(p.m.cols);
+            dequantize_row(p.m, r, out.mutable_data());
+            return out;
+        });
+
+    py::class_<KVCache>(m, "KVCache")
+        .def(py::init([](int64_t n_layers, int64_t n_kv_heads, int64_t n_ctx, int64_t head_dim, bool f16) {
+                 need(n_layers > 0 && n_kv_heads > 0 && n_ctx > 0 && head_dim > 0, "KVCache: sizes must be positive");
+                 need(n_layers * n_kv_heads * n_ctx * head_dim < (int64_t(1) << 40), "KVCache: too large");
+                 return new KVCache(n_layers, n_kv_heads, n_ctx, head_dim, f16);
+             }),
+             py::arg("n_layers"), py::arg("n_kv_heads"), py::arg("n_ctx"), py::arg("head_dim"), py::arg("f16"))
+        .def_property_readonly("bytes", &KVCache::bytes)
+        .def_readonly("n_ctx", &KVCache::n_ctx)
+        .def_readonly("f16", &KVCache::f16)
+        .def("keys", [](KVCache& c, int64_t layer, int64_t head, int64_t n) {
+            // A copy, for tests and debugging.
+            need(layer >= 0 && layer < c.n_layers && head >= 0 && head < c.n_kv_heads && n >= 0 && n <= c.n_ctx, "range");
+            py::array_t<float> out({n, c.head_dim});
+            for (int64_t p = 0; p < n; ++p) {
+                float* o = out.mutable_data(p);
+                if (c.f16) {
+                    const uint16_t* s = reinterpret_cast<const uint16_t*>(c.k(layer, head, p));
+                    for (int64_t i = 0; i < c.head_dim; ++i) o[i] = fp16_to_fp32(s[i]);
+                } else {
+                    std::memcpy(o, c.k(layer, head, p), size_t(c.head_dim) * 4);
+                }
+            }
+            return out;
+        });
+
+    py::class_<PyBackend>(m, "Backend")
+        .def(py::init<int, const std::string&>(), py::arg("n_threads") = 1, py::arg("isa") = "auto")
+        .def_property_readonly("name", &PyBackend::name)
+        .def_property_readonly("n_threads", &PyBackend::n_threads)
+        .def("matmul", &PyBackend::matmul, py::arg("w"), py::arg("x"), py::arg("out"), py::arg("accumulate") = false)
+        .def("rmsnorm", &PyBackend::rmsnorm)
+        .def("rope", &PyBackend::rope)
+        .def("kv_store", &PyBackend::kv_store)
+        .def("attention", &PyBackend::attention)
+        .def("silu_mul", &PyBackend::silu_mul)
+        .def("embed", &PyBackend::embed)
+        .def("kv_shift", &PyBackend::kv_shift);
+
+    py::class_<PyKernels>(m, "Kernels")
+        .def(py::init<const std::string&>())
+        .def_property_readonly("name", &PyKernels::name)
+        .def("quantize_row_q8", &PyKernels::quantize_row_q8)
+        .def("softmax", &PyKernels::softmax)
+        .def("attention", &PyKernels::attention);
+
+    py::class_<Sampler>(m, "Sampler")
+        .def(py::init<uint64_t>(), py::arg("seed"))
+        .def("seed", &Sampler::seed)
+        .def("sample",
+             [](Sampler& s, py::array logits, float temperature, int32_t top_k, float top_p, float min_p,
+                float repeat_penalty, py::array recent) {
+                 Rows l = rows_of(logits, "logits", false);
+                 need(l.rows == 1 && l.cols > 0, "sample: logits must be a non-empty 1-D array");
+                 const int32_t* rp = recent.size() ? vec_of<int32_t>(recent, "recent", 0) : nullptr;
+                 const int64_t n_recent = recent.size();
+                 SamplerParams p;
+                 p.temperature = temperature;
+                 p.top_k = top_k;
+                 p.top_p = top_p;
+                 p.min_p = min_p;
+                 p.repeat_penalty = repeat_penalty;
+                 py::gil_scoped_release nogil;
+                 return s.sample(l.p, l.cols, p, rp, n_recent);
+             },
+             py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"),
+             py::arg("repeat_penalty"), py::arg("recent"));
+
+    m.def("quantize_tiles", [](int32_t dtype, py::array src, py::array quants, py::array scales) {
+        Rows s = rows_of(src, "src", false);
+        need(is_quantized(dtype), "quantize_tiles: dtype must be Q8_0 or Q4_0");
+        need(s.cols % kBlock == 0 && s.ld == s.cols, "quantize_tiles: src must be contiguous, cols % 32 == 0");
+        const int64_t nb = s.cols / kBlock, tiles = n_tiles(s.rows);
+        check_dtype<uint8_t>(quants, "quants");
+        check_dtype<uint16_t>(scales, "scales");
+        need(quants.writeable() && scales.writeable(), "quantize_tiles: outputs must be writable");
+        need((quants.flags() & py::array::c_style) && (scales.flags() & py::array::c_style), "outputs: C-contiguous");
+        need(quants.size() == tiles * nb * tile_block_quant_bytes(dtype), "quantize_tiles: quants has the wrong size");
+        need(scales.size() == tiles * nb * kTileRows, "quantize_tiles: scales has the wrong size");
+        uint8_t* qp = static_cast<uint8_t*>(quants.mutable_data());
+        uint16_t* sp = static_cast<uint16_t*>(scales.mutable_data());
+        py::gil_scoped_release nogil;
+        quantize_tiles(dtype, s.p, s.rows, s.cols, qp, sp);
+    });
+}

@@ -1,0 +1,174 @@
+// AVX2 + FMA + F16C kernels (Haswell / Zen and later). Compiled with -mavx2 -mfma -mf16c;
+// only reached when cpu.cpp has seen those features.
+//
+// Quantized matmul: a 16-row tile is handled as two halves of 8 rows, one ymm each. For a
+// 4-byte group of activations broadcast to all lanes, pmaddubsw multiplies the unsigned
+// weight bytes by the signed activations; for Q4_0 the int16 sums of all 8 groups of a block
+// fit (|sum| <= 8*2*15*127 = 30480), so one pmaddwd per block finishes the integer dot.
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "kernels.h"
+
+namespace llamacpu {
+namespace avx2 {
+
+#include "simd_x86_common.h"
+
+static inline const uint16_t* tile_scales(const uint8_t* w, int64_t ntiles, int64_t nb, int64_t qbytes) {
+    return reinterpret_cast<const uint16_t*>(w + ntiles * nb * qbytes);
+}
+
+// Integer dot of one Q4_0 half-tile block (8 rows) with one activation block: lane r is row r.
+static inline __m256i q4_block_dot(const __m256i* wv, const int8_t* x, int32_t xsum) {
+    __m256i s = _mm256_setzero_si256();
+    for (int v = 0; v < 4; ++v) {
+        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(wv[v], bcast4(x + 4 * v)));
+        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(wv[4 + v], bcast4(x + 16 + 4 * v)));
+    }
+    return _mm256_sub_epi32(_mm256_madd_epi16(s, _mm256_set1_epi16(1)), _mm256_set1_epi32(8 * xsum));
+}
+
+static inline void q4_unpack(const uint8_t* q, __m256i* wv) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    for (int v = 0; v < 4; ++v) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + v * 64));
+        wv[v] = _mm256_and_si256(raw, m4);
+        wv[4 + v] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+    }
+}
+
+static inline __m256i q8_block_dot(const uint8_t* q, const int8_t* x) {
+    __m256i acc = _mm256_setzero_si256();
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int g = 0; g < 8; ++g) {
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + g * 64));
+        const __m256i xv = bcast4(x + 4 * g);
+        const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(xv, w));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+    }
+    return acc;
+}
+
+// One half (8 rows) of a tile for NT tokens starting at tok0. Per (row, token) the float work
+// is one fma per block in block order, identical to the NT = 1 case, so batch size never
+// changes a result.
+template <int kType, int NT>
+static inline void tile_half(const uint8_t* quants, const uint16_t* scales, int64_t nb, int64_t t, int h,
+                             const ActQ8& a, int64_t tok0, float* out, int64_t ldo, int64_t row_valid,
+                             bool accumulate) {
+    constexpr int64_t qbytes = kType == kQ4_0 ? kQ4TileBlockQuants : kQ8TileBlockQuants;
+    __m256 acc[NT];
+    for (int i = 0; i < NT; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* q = quants + (t * nb + b) * qbytes + h * 32;
+        const __m256 sc = _mm256_cvtph_ps(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + (t * nb + b) * kTileRows + h * 8)));
+        __m256i wv[8];
+        if (kType == kQ4_0) q4_unpack(q, wv);
+        for (int i = 0; i < NT; ++i) {
+            const int64_t tok = tok0 + i;
+            const int8_t* x = a.q + tok * a.ldq + b * kBlock;
+            const __m256i dot = kType == kQ4_0 ? q4_block_dot(wv, x, a.s[tok * a.nb + b]) : q8_block_dot(q, x);
+            const __m256 scale = _mm256_mul_ps(sc, _mm256_set1_ps(a.d[tok * a.nb + b]));
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[i]);
+        }
+    }
+    for (int i = 0; i < NT; ++i)
+        store_rows8(out + (tok0 + i) * ldo + t * kTileRows + h * 8, acc[i], row_valid, accumulate);
+}
+
+// Single token: both halves in one pass over the blocks.
+template <int kType>
+static inline void tile_gemv(const uint8_t* quants, const uint16_t* scales, int64_t nb, int64_t t,
+                             const ActQ8& a, float* out, int64_t n_rows, bool accumulate) {
+    constexpr int64_t qbytes = kType == kQ4_0 ? kQ4TileBlockQuants : kQ8TileBlockQuants;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* q = quants + (t * nb + b) * qbytes;
+        const uint16_t* sp = scales + (t * nb + b) * kTileRows;
+        const int8_t* x = a.q + b * kBlock;
+        __m256i d0, d1;
+        if (kType == kQ4_0) {
+            __m256i wv[8];
+            q4_unpack(q, wv);
+            d0 = q4_block_dot(wv, x, a.s[b]);
+            q4_unpack(q + 32, wv);
+            d1 = q4_block_dot(wv, x, a.s[b]);
+        } else {
+            d0 = q8_block_dot(q, x);
+            d1 = q8_block_dot(q + 32, x);
+        }
+        const __m256 da = _mm256_set1_ps(a.d[b]);
+        const __m256 s0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sp)));
+        const __m256 s1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sp + 8)));
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_mul_ps(s0, da), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_mul_ps(s1, da), acc1);
+    }
+    const int64_t n0 = t * kTileRows;
+    store_rows8(out + n0, acc0, n_rows - n0, accumulate);
+    store_rows8(out + n0 + 8, acc1, n_rows - n0 - 8, accumulate);
+}
+
+template <int kType>
+static void matmul_q(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, int64_t tile1,
+                     const ActQ8& a, float* out, int64_t ldo, bool accumulate) {
+    const int64_t nb = k / kBlock;
+    const int64_t qbytes = kType == kQ4_0 ? kQ4TileBlockQuants : kQ8TileBlockQuants;
+    const uint16_t* scales = tile_scales(w, n_tiles(n_rows), nb, qbytes);
+    for (int64_t t = tile0; t < tile1; ++t) {
+        if (a.T == 1) {
+            tile_gemv<kType>(w, scales, nb, t, a, out, n_rows, accumulate);
+            continue;
+        }
+        for (int h = 0; h < 2; ++h) {
+            const int64_t valid = n_rows - (t * kTileRows + h * 8);
+            if (valid <= 0) break;
+            int64_t tok = 0;
+            for (; tok + 4 <= a.T; tok += 4) tile_half<kType, 4>(w, scales, nb, t, h, a, tok, out, ldo, valid, accumulate);
+            for (; tok < a.T; ++tok) tile_half<kType, 1>(w, scales, nb, t, h, a, tok, out, ldo, valid, accumulate);
+        }
+    }
+}
+
+static void matmul_q4_0(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, int64_t tile1,
+                        const ActQ8& a, float* out, int64_t ldo, bool accumulate) {
+    matmul_q<kQ4_0>(w, n_rows, k, tile0, tile1, a, out, ldo, accumulate);
+}
+
+static void matmul_q8_0(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, int64_t tile1,
+                        const ActQ8& a, float* out, int64_t ldo, bool accumulate) {
+    matmul_q<kQ8_0>(w, n_rows, k, tile0, tile1, a, out, ldo, accumulate);
+}
+
+static void matmul_f16(const uint16_t* w, int64_t k, int64_t row0, int64_t row1, const float* x,
+                       int64_t ldx, int64_t n_tok, float* out, int64_t ldo, bool accumulate) {
+    matmul_float_avx2(w, k, row0, row1, x, ldx, n_tok, out, ldo, accumulate);
+}
+
+static void matmul_f32(const float* w, int64_t k, int64_t row0, int64_t row1, const float* x,
+                       int64_t ldx, int64_t n_tok, float* out, int64_t ldo, bool accumulate) {
+    matmul_float_avx2(w, k, row0, row1, x, ldx, n_tok, out, ldo, accumulate);
+}
+
+}  // namespace avx2
+
+const KernelTable kAvx2Kernels = {
+    "avx2",
+    avx2::matmul_q4_0,
+    avx2::matmul_q8_0,
+    avx2::matmul_f16,
+    avx2::matmul_f32,
+    avx2::quantize_row_q8_avx2,
+    avx2::rmsnorm_avx2,
+    avx2::rope_avx2,
+    avx2::silu_mul_avx2,
+    avx2::softmax_avx2,
+    avx2::attention_avx2,
+    avx2::f16_to_f32_avx2,
+    avx2::f32_to_f16_avx2,
+};
+
+}  // namespace llamacpu

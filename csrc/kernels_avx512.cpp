@@ -1,0 +1,179 @@
+// AVX-512 (F, BW, VL) + VNNI kernels (Ice Lake / Zen 4 and later). Compiled with the
+// matching -m flags; only reached when cpu.cpp has seen every one of those features.
+//
+// A 16-row tile is exactly one zmm of 16 int32 lanes, and vpdpbusd multiplies the unsigned
+// weight bytes by a 4-byte activation group broadcast to every lane, so one instruction
+// advances the dot products of all 16 rows by 4 columns. Per row the float work is the same
+// as the AVX2 path (one fma per block with the same operands), so both give the same bits.
+// The element-wise kernels reuse the AVX2 code (simd_x86_common.h).
+//
+// With LLAMACPU_SIMDE this file is built a second time against SIMDe's portable emulation
+// of the intrinsics, so the tests can run this code on a CPU without AVX-512.
+#if defined(LLAMACPU_SIMDE)
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+#include <simde/x86/f16c.h>
+#include <simde/x86/fma.h>
+#define LLAMACPU_NS avx512emu
+#define LLAMACPU_TABLE kAvx512EmuKernels
+#define LLAMACPU_TABLE_NAME "avx512-emu"
+#else
+#include <immintrin.h>
+#define LLAMACPU_NS avx512
+#define LLAMACPU_TABLE kAvx512Kernels
+#define LLAMACPU_TABLE_NAME "avx512"
+#endif
+
+#include <cmath>
+#include <cstring>
+
+#include "kernels.h"
+
+namespace llamacpu {
+namespace LLAMACPU_NS {
+
+#include "simd_x86_common.h"
+
+#if defined(LLAMACPU_SIMDE)
+// Conversions SIMDe does not provide, written lane by lane with the same rounding.
+static inline __m512 emu_cvtepi32_ps(__m512i v) {
+    int32_t a[16];
+    float f[16];
+    _mm512_storeu_si512(a, v);
+    for (int i = 0; i < 16; ++i) f[i] = float(a[i]);
+    return _mm512_loadu_ps(f);
+}
+static inline __m512 emu_cvtph_ps(__m256i h) {
+    uint16_t a[16];
+    float f[16];
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a), h);
+    for (int i = 0; i < 16; ++i) f[i] = fp16_to_fp32(a[i]);
+    return _mm512_loadu_ps(f);
+}
+#define _mm512_cvtepi32_ps emu_cvtepi32_ps
+#define _mm512_cvtph_ps emu_cvtph_ps
+#endif
+
+static inline __m512i bcast4z(const int8_t* p) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+}
+
+// The 8 weight vectors of one tile-block as unsigned bytes, in group order 0..7.
+template <int kType>
+static inline void unpack_block(const uint8_t* q, __m512i* wv) {
+    if (kType == kQ4_0) {
+        const __m512i m4 = _mm512_set1_epi8(0x0f);
+        for (int v = 0; v < 4; ++v) {
+            const __m512i raw = _mm512_loadu_si512(q + v * 64);
+            wv[v] = _mm512_and_si512(raw, m4);
+            wv[4 + v] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
+        }
+    } else {
+        // int8 w + 128 as unsigned; the matching correction is 128 * sum(activations).
+        const __m512i flip = _mm512_set1_epi8(char(0x80));
+        for (int g = 0; g < 8; ++g) wv[g] = _mm512_xor_si512(_mm512_loadu_si512(q + g * 64), flip);
+    }
+}
+
+// Lane r: the exact integer dot of row r with the activation block.
+template <int kType>
+static inline __m512i block_dot(const __m512i* wv, const int8_t* x, int32_t xsum) {
+    __m512i acc = _mm512_setzero_si512();
+    for (int g = 0; g < 8; ++g) {
+        // Q4_0 nibble vectors are ordered (group v, group v+4) in wv[v], wv[4+v].
+        const int col = kType == kQ4_0 ? (g < 4 ? 4 * g : 16 + 4 * (g - 4)) : 4 * g;
+        acc = _mm512_dpbusd_epi32(acc, wv[g], bcast4z(x + col));
+    }
+    const int32_t corr = kType == kQ4_0 ? 8 * xsum : 128 * xsum;
+    return _mm512_sub_epi32(acc, _mm512_set1_epi32(corr));
+}
+
+static inline void store_rows16(float* o, __m512 v, int64_t valid, bool accumulate) {
+    if (valid >= 16) {
+        if (accumulate) v = _mm512_add_ps(v, _mm512_loadu_ps(o));
+        _mm512_storeu_ps(o, v);
+        return;
+    }
+    alignas(64) float tmp[16];
+    _mm512_store_ps(tmp, v);
+    for (int64_t i = 0; i < valid; ++i) o[i] = accumulate ? o[i] + tmp[i] : tmp[i];
+}
+
+template <int kType, int NT>
+static inline void tile_tokens(const uint8_t* quants, const uint16_t* scales, int64_t nb, int64_t t,
+                               const ActQ8& a, int64_t tok0, float* out, int64_t ldo, int64_t valid,
+                               bool accumulate) {
+    constexpr int64_t qbytes = kType == kQ4_0 ? kQ4TileBlockQuants : kQ8TileBlockQuants;
+    __m512 acc[NT];
+    for (int i = 0; i < NT; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        __m512i wv[8];
+        unpack_block<kType>(quants + (t * nb + b) * qbytes, wv);
+        const __m512 sc = _mm512_cvtph_ps(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + (t * nb + b) * kTileRows)));
+        for (int i = 0; i < NT; ++i) {
+            const int64_t tok = tok0 + i;
+            const __m512i dot = block_dot<kType>(wv, a.q + tok * a.ldq + b * kBlock, a.s[tok * a.nb + b]);
+            const __m512 scale = _mm512_mul_ps(sc, _mm512_set1_ps(a.d[tok * a.nb + b]));
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[i]);
+        }
+    }
+    for (int i = 0; i < NT; ++i) store_rows16(out + (tok0 + i) * ldo + t * kTileRows, acc[i], valid, accumulate);
+}
+
+template <int kType>
+static void matmul_q(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, int64_t tile1,
+                     const ActQ8& a, float* out, int64_t ldo, bool accumulate) {
+    const int64_t nb = k / kBlock;
+    const int64_t qbytes = kType == kQ4_0 ? kQ4TileBlockQuants : kQ8TileBlockQuants;
+    const uint16_t* scales = reinterpret_cast<const uint16_t*>(w + n_tiles(n_rows) * nb * qbytes);
+    for (int64_t t = tile0; t < tile1; ++t) {
+        const int64_t valid = n_rows - t * kTileRows;
+        int64_t tok = 0;
+        for (; tok + 8 <= a.T; tok += 8) tile_tokens<kType, 8>(w, scales, nb, t, a, tok, out, ldo, valid, accumulate);
+        for (; tok + 4 <= a.T; tok += 4) tile_tokens<kType, 4>(w, scales, nb, t, a, tok, out, ldo, valid, accumulate);
+        for (; tok < a.T; ++tok) tile_tokens<kType, 1>(w, scales, nb, t, a, tok, out, ldo, valid, accumulate);
+    }
+}
+
+static void matmul_q4_0(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, int64_t tile1,
+                        const ActQ8& a, float* out, int64_t ldo, bool accumulate) {
+    matmul_q<kQ4_0>(w, n_rows, k, tile0, tile1, a, out, ldo, accumulate);
+}
+
+static void matmul_q8_0(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, int64_t tile1,
+                        const ActQ8& a, float* out, int64_t ldo, bool accumulate) {
+    matmul_q<kQ8_0>(w, n_rows, k, tile0, tile1, a, out, ldo, accumulate);
+}
+
+static void matmul_f16(const uint16_t* w, int64_t k, int64_t row0, int64_t row1, const float* x,
+                       int64_t ldx, int64_t n_tok, float* out, int64_t ldo, bool accumulate) {
+    matmul_float_avx2(w, k, row0, row1, x, ldx, n_tok, out, ldo, accumulate);
+}
+
+static void matmul_f32(const float* w, int64_t k, int64_t row0, int64_t row1, const float* x,
+                       int64_t ldx, int64_t n_tok, float* out, int64_t ldo, bool accumulate) {
+    matmul_float_avx2(w, k, row0, row1, x, ldx, n_tok, out, ldo, accumulate);
+}
+
+}  // namespace LLAMACPU_NS
+
+const KernelTable LLAMACPU_TABLE = {
+    LLAMACPU_TABLE_NAME,
+    LLAMACPU_NS::matmul_q4_0,
+    LLAMACPU_NS::matmul_q8_0,
+    LLAMACPU_NS::matmul_f16,
+    LLAMACPU_NS::matmul_f32,
+    LLAMACPU_NS::quantize_row_q8_avx2,
+    LLAMACPU_NS::rmsnorm_avx2,
+    LLAMACPU_NS::rope_avx2,
+    LLAMACPU_NS::silu_mul_avx2,
+    LLAMACPU_NS::softmax_avx2,
+    LLAMACPU_NS::attention_avx2,
+    LLAMACPU_NS::f16_to_f32_avx2,
+    LLAMACPU_NS::f32_to_f16_avx2,
+};
+
+}  // namespace llamacpu
