@@ -1,0 +1,292 @@
+"""The llamacpu model file: one definition for the writer (the converter) and the reader.
+
+Layout (docs/FORMAT.md has the full description):
+
+    offset 0   header, 64 bytes, little endian:
+               magic b"LLAMACPU" | u32 version | u32 flags | u64 meta_offset | u64 meta_size
+               | u64 data_offset | u64 data_size | 16 zero bytes
+    meta       UTF-8 JSON: hyperparameters, tokenizer, chat template, tensor directory
+    data       tensors and the tokenizer blob, each at a 64-byte aligned offset relative to
+               data_offset (itself a multiple of 4096), in the layouts of csrc/quants.h
+
+Every number read from a file is checked before use: the reader treats the file as hostile.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from .config import ModelConfig
+from .errors import ModelFileError, ModelNotFoundError
+
+MAGIC = b"LLAMACPU"
+VERSION = 1
+HEADER = struct.Struct("<8sIIQQQQ16s")
+assert HEADER.size == 64
+DATA_ALIGN = 4096
+TENSOR_ALIGN = 64
+MAX_META_BYTES = 64 << 20
+MAX_TENSORS = 1 << 16
+
+# Storage types, with the ids csrc/quants.h uses.
+DTYPES = {"f32": 0, "f16": 1, "q8_0": 2, "q4_0": 3}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+TILE_ROWS = 16
+BLOCK = 32
+_TILE_BLOCK_BYTES = {"q8_0": 512 + 32, "q4_0": 256 + 32}
+
+
+def align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+def tensor_bytes(dtype: str, shape: tuple) -> int:
+    """Bytes of a tensor; matches csrc/quants.h matrix_bytes. Raises ValueError if not allowed."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}")
+    if not shape or len(shape) > 2 or any((not isinstance(d, int)) or isinstance(d, bool) or d <= 0 or d >= 1 << 31 for d in shape):
+        raise ValueError(f"bad shape {shape!r}")
+    if dtype in ("f32", "f16"):
+        n = 1
+        for d in shape:
+            n *= d
+        return n * (4 if dtype == "f32" else 2)
+    if len(shape) != 2 or shape[1] % BLOCK:
+        raise ValueError(f"{dtype} needs a 2-D shape with a multiple of {BLOCK} columns, got {shape}")
+    rows, cols = shape
+    tiles = (rows + TILE_ROWS - 1) // TILE_ROWS
+    return tiles * (cols // BLOCK) * _TILE_BLOCK_BYTES[dtype]
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple
+    offset: int  # absolute, in the file
+    size: int
+
+
+@dataclass
+class ModelMeta:
+    """What the metadata says, checked."""
+
+    config: ModelConfig
+    tensors: dict  # name -> TensorInfo
+    tokenizer: dict  # kind, offset (absolute), size, and tokenizer-specific fields
+    chat_template: Optional[str]
+    extra: dict  # the rest of the JSON (source, quantization, ...)
+
+
+def pack_header(meta_size: int, data_offset: int, data_size: int) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, 0, HEADER.size, meta_size, data_offset, data_size, b"\0" * 16)
+
+
+def _fail(path, msg):
+    raise ModelFileError(f"{path}: {msg}")
+
+
+def parse(buf, path: str, file_size: int) -> ModelMeta:
+    """Checks the header and metadata of a mapped model file; returns the directory."""
+    if file_size < HEADER.size:
+        _fail(path, f"too small to be a llamacpu model file ({file_size} bytes)")
+    magic, version, flags, meta_off, meta_size, data_off, data_size, _ = HEADER.unpack_from(buf, 0)
+    if magic != MAGIC:
+        if bytes(buf[:4]) == b"GGUF":
+            _fail(path, "is a GGUF file; convert it first: llamacpu convert MODEL.gguf OUT.bin")
+        _fail(path, "not a llamacpu model file (bad magic)")
+    if version != VERSION:
+        _fail(path, f"file format version {version} is not supported (this llamacpu reads version {VERSION})")
+    if meta_off != HEADER.size or meta_size == 0 or meta_size > MAX_META_BYTES:
+        _fail(path, "damaged header (metadata location)")
+    if meta_off + meta_size > file_size:
+        _fail(path, "truncated (metadata runs past the end of the file)")
+    if data_off % DATA_ALIGN or data_off < meta_off + meta_size or data_off > file_size or data_size > file_size - data_off:
+        _fail(path, "truncated or damaged (data section outside the file)")
+    try:
+        meta = json.loads(bytes(buf[meta_off:meta_off + meta_size]).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        _fail(path, f"damaged metadata ({type(e).__name__})")
+    if not isinstance(meta, dict):
+        _fail(path, "damaged metadata (not an object)")
+
+    def section(key, kind):
+        v = meta.get(key)
+        if not isinstance(v, kind):
+            _fail(path, f"damaged metadata ({key!r} missing or of the wrong type)")
+        return v
+
+    config = ModelConfig.from_dict(section("config", dict), where=str(path))
+
+    def extent(entry, what):
+        off, size = entry.get("offset"), entry.get("size")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (off, size)):
+            _fail(path, f"damaged metadata ({what}: bad offset or size)")
+        if off % TENSOR_ALIGN or off > data_size or size > data_size - off:
+            _fail(path, f"truncated or damaged ({what} lies outside the data section)")
+        return data_off + off, size
+
+    tensors = {}
+    entries = section("tensors", list)
+    if len(entries) > MAX_TENSORS:
+        _fail(path, "damaged metadata (too many tensors)")
+    for e in entries:
+        if not isinstance(e, dict) or not isinstance(e.get("name"), str) or not isinstance(e.get("dtype"), str):
+            _fail(path, "damaged metadata (bad tensor entry)")
+        name, dtype = e["name"], e["dtype"]
+        shape = e.get("shape")
+        if not isinstance(shape, list):
+            _fail(path, f"damaged metadata (tensor {name!r} has no shape)")
+        shape = tuple(shape)
+        try:
+            want = tensor_bytes(dtype, shape)
+        except ValueError as err:
+            _fail(path, f"damaged metadata (tensor {name!r}: {err})")
+        off, size = extent(e, f"tensor {name!r}")
+        if size != want:
+            _fail(path, f"damaged metadata (tensor {name!r} has {size} bytes, its shape needs {want})")
+        if name in tensors:
+            _fail(path, f"damaged metadata (tensor {name!r} listed twice)")
+        tensors[name] = TensorInfo(name, dtype, shape, off, size)
+
+    tok = dict(section("tokenizer", dict))
+    if not isinstance(tok.get("kind"), str):
+        _fail(path, "damaged metadata (tokenizer kind)")
+    tok["offset"], tok["size"] = extent(tok, "tokenizer")
+    template = meta.get("chat_template")
+    if template is not None and not isinstance(template, str):
+        _fail(path, "damaged metadata (chat_template)")
+    extra = {k: v for k, v in meta.items() if k not in ("config", "tensors", "tokenizer", "chat_template")}
+    return ModelMeta(config, tensors, tok, template, extra)
+
+
+def expected_tensors(cfg: ModelConfig) -> dict:
+    """Name -> shape of every tensor a model file must hold for this config."""
+    d, f, v = cfg.dim, cfg.ffn_dim, cfg.vocab_size
+    shapes = {"tok_embeddings": (v, d), "norm": (d,)}
+    if not cfg.tied_output:
+        shapes["output"] = (v, d)
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        shapes[p + "attention_norm"] = (d,)
+        shapes[p + "wqkv"] = (cfg.q_dim + 2 * cfg.kv_dim, d)
+        shapes[p + "wo"] = (d, cfg.q_dim)
+        shapes[p + "ffn_norm"] = (d,)
+        shapes[p + "w13"] = (2 * f, d)
+        shapes[p + "w2"] = (d, f)
+    return shapes
+
+
+class MappedModelFile:
+    """A model file mapped read-only; weights are used in place from the mapping."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        p = Path(path)
+        if not p.exists():
+            raise ModelNotFoundError(f"{path}: no such file")
+        if p.is_dir():
+            raise ModelFileError(f"{path}: is a folder, not a model file (convert a checkpoint folder with `llamacpu convert`)")
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise ModelNotFoundError(f"{path}: cannot open ({e.strerror})") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size < HEADER.size:
+                _fail(path, f"too small to be a llamacpu model file ({size} bytes)")
+            self.mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        except OSError as e:
+            raise ModelFileError(f"{path}: cannot map ({e.strerror})") from None
+        finally:
+            os.close(fd)
+        self.size = size
+        try:
+            self.meta = parse(self.mm, self.path, size)
+            self._check_shapes()
+        except BaseException:
+            self.mm.close()
+            raise
+
+    def _check_shapes(self):
+        want = expected_tensors(self.meta.config)
+        have = self.meta.tensors
+        for name, shape in want.items():
+            if name not in have:
+                _fail(self.path, f"tensor {name!r} is missing")
+            if have[name].shape != shape:
+                _fail(self.path, f"tensor {name!r} has shape {list(have[name].shape)}, the hyperparameters need {list(shape)}")
+            if len(shape) == 1 and have[name].dtype != "f32":
+                _fail(self.path, f"tensor {name!r} must be f32")
+        unknown = set(have) - set(want)
+        if unknown:
+            _fail(self.path, f"unexpected tensor {sorted(unknown)[0]!r}")
+
+    def blob(self, offset: int, size: int) -> bytes:
+        return bytes(self.mm[offset:offset + size])
+
+    def close(self):
+        try:
+            self.mm.close()
+        except BufferError:
+            # Some view is still alive; the mapping goes when the last one does.
+            pass
+
+
+def write_model_file(out_path, meta: dict, tensors: list, tokenizer_blob: bytes, fill, progress=None):
+    """Writes a model file atomically (a temporary file renamed into place when complete).
+
+    meta: the JSON-able metadata without "tensors"; tensors: [(name, dtype, shape)] in file
+    order; fill(name, f, base_offset) writes that tensor's bytes into the open file f at
+    base_offset (absolute) and may report progress. On any error or interruption the
+    temporary file is removed and an existing out_path is left untouched.
+    """
+    import tempfile
+
+    out_path = Path(out_path)
+    parent = out_path.parent if str(out_path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ModelNotFoundError(f"{out_path}: folder {parent} does not exist")
+    if out_path.is_dir():
+        raise ModelFileError(f"{out_path}: is a folder; give a file name for the output")
+
+    entries, off = [], 0
+    for name, dtype, shape in tensors:
+        size = tensor_bytes(dtype, tuple(shape))
+        entries.append({"name": name, "dtype": dtype, "shape": list(shape), "offset": off, "size": size})
+        off = align(off + size, TENSOR_ALIGN)
+    tok_off = off
+    data_size = tok_off + len(tokenizer_blob)
+    full = dict(meta)
+    full["tensors"] = entries
+    full["tokenizer"] = dict(meta["tokenizer"], offset=tok_off, size=len(tokenizer_blob))
+    meta_bytes = json.dumps(full, separators=(",", ":"), sort_keys=False).encode("utf-8")
+    data_off = align(HEADER.size + len(meta_bytes), DATA_ALIGN)
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=str(parent))
+    try:
+        with os.fdopen(fd, "w+b") as f:
+            f.write(pack_header(len(meta_bytes), data_off, data_size))
+            f.write(meta_bytes)
+            f.truncate(data_off + data_size)
+            for e in entries:
+                fill(e["name"], f, data_off + e["offset"])
+            f.seek(data_off + tok_off)
+            f.write(tokenizer_blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out_path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return data_off + data_size

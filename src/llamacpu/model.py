@@ -1,0 +1,162 @@
+"""The LLaMA decoder: weights from the mapped file, a preallocated KV cache, and forward().
+
+forward() reads top to bottom like the paper's figure. Each line is one backend op (a C++
+kernel that releases the GIL and uses the thread pool); this module only decides which
+buffers they read and write. Buffers are allocated once, at load, for the largest batch;
+a generated token reuses views made at load and allocates nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from . import _core
+from .config import ModelConfig
+from .fileformat import DTYPES, MappedModelFile
+
+
+@dataclass
+class Layer:
+    attention_norm: np.ndarray
+    wqkv: "_core.Matrix"
+    wo: "_core.Matrix"
+    ffn_norm: np.ndarray
+    w13: "_core.Matrix"
+    w2: "_core.Matrix"
+
+
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """Per-pair rotation frequencies, with LLaMA-3 style scaling when the model asks for it."""
+    hd = cfg.head_dim
+    freqs = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    rs = cfg.rope_scaling or {}
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind == "llama3":
+        factor = float(rs.get("factor", 8.0))
+        low = float(rs.get("low_freq_factor", 1.0))
+        high = float(rs.get("high_freq_factor", 4.0))
+        old_ctx = float(rs.get("original_max_position_embeddings", 8192))
+        wavelen = 2 * math.pi / freqs
+        smooth = np.clip((old_ctx / wavelen - low) / (high - low), 0.0, 1.0)
+        scaled = (1 - smooth) * freqs / factor + smooth * freqs
+        freqs = np.where(wavelen < old_ctx / high, freqs, np.where(wavelen > old_ctx / low, freqs / factor, scaled))
+    elif kind == "linear":
+        freqs = freqs / float(rs.get("factor", 1.0))
+    return freqs
+
+
+def rope_rows(freqs: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """[n, 2, head_dim] float32: cos2 = [c0,c0,c1,c1..], sin2 = [-s0,s0,-s1,s1..] per position."""
+    ang = np.outer(positions.astype(np.float64), freqs)
+    c, s = np.cos(ang), np.sin(ang)
+    out = np.empty((len(positions), 2, 2 * len(freqs)), np.float32)
+    out[:, 0, 0::2] = c
+    out[:, 0, 1::2] = c
+    out[:, 1, 0::2] = -s
+    out[:, 1, 1::2] = s
+    return out
+
+
+class Transformer:
+    def __init__(self, mf: MappedModelFile, backend: "_core.Backend", n_ctx: int, n_batch: int = 512,
+                 kv_f16: Optional[bool] = None):
+        self.cfg = cfg = mf.meta.config
+        self.backend = backend
+        self.n_ctx = n_ctx
+        self.n_batch = n_batch = max(1, min(n_batch, n_ctx))
+        tensors = mf.meta.tensors
+
+        def matrix(name):
+            t = tensors[name]
+            return _core.Matrix(mf.mm, t.offset, DTYPES[t.dtype], t.shape[0], t.shape[1])
+
+        def vector(name):
+            t = tensors[name]
+            return np.frombuffer(mf.mm, np.float32, t.shape[0], t.offset)
+
+        self.tok_embeddings = matrix("tok_embeddings")
+        self.norm = vector("norm")
+        self.output = self.tok_embeddings if cfg.tied_output else matrix("output")
+        self.layers = [
+            Layer(vector(p + "attention_norm"), matrix(p + "wqkv"), matrix(p + "wo"), vector(p + "ffn_norm"),
+                  matrix(p + "w13"), matrix(p + "w2"))
+            for p in (f"layers.{i}." for i in range(cfg.n_layers))
+        ]
+        if kv_f16 is None:
+            # An f32 model is the reference: keep its cache exact too.
+            kv_f16 = any(t.dtype != "f32" for t in tensors.values())
+        self.cache = _core.KVCache(cfg.n_layers, cfg.n_kv_heads, n_ctx, cfg.head_dim, kv_f16)
+        self.freqs = rope_frequencies(cfg)
+        self.rope_table = rope_rows(self.freqs, np.arange(n_ctx))
+
+        d, qd, kvd = cfg.dim, cfg.q_dim, cfg.kv_dim
+        B = n_batch
+        self.x = np.zeros((B, d), np.float32)  # the residual stream
+        self.xb = np.zeros((B, d), np.float32)  # normalised input of a block
+        self.qkv = np.zeros((B, qd + 2 * kvd), np.float32)
+        self.att = np.zeros((B, qd), np.float32)
+        self.gu = np.zeros((B, 2 * cfg.ffn_dim), np.float32)
+        self.hb = np.zeros((B, cfg.ffn_dim), np.float32)
+        self.logits = np.zeros((B, cfg.vocab_size), np.float32)
+        self.tokens = np.zeros(B, np.int32)
+        self.pos = np.zeros(B, np.int32)
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        self._views = {}
+
+    def views(self, n: int):
+        """Buffer views for a batch of n tokens (cached: decoding reuses the n = 1 set)."""
+        v = self._views.get(n)
+        if v is None:
+            qd, kvd = self.cfg.q_dim, self.cfg.kv_dim
+            qkv = self.qkv[:n]
+            v = (self.tokens[:n], self.pos[:n], self.x[:n], self.xb[:n], qkv, qkv[:, :qd + kvd],
+                 qkv[:, qd:qd + kvd], qkv[:, qd + kvd:], qkv[:, :qd], self.att[:n], self.gu[:n], self.hb[:n])
+            if len(self._views) > 64:
+                self._views.clear()
+            self._views[n] = v
+        return v
+
+    def forward(self, tokens, pos0: int, all_logits: bool = False) -> np.ndarray:
+        """Runs up to n_batch tokens at positions pos0.. and returns logits: of the last token
+        ([n_vocab]) or of every token ([n, n_vocab]). The KV cache keeps their keys/values."""
+        n = len(tokens)
+        assert 0 < n <= self.n_batch and 0 <= pos0 and pos0 + n <= self.n_ctx
+        cfg, b, cache = self.cfg, self.backend, self.cache
+        tok, pos, x, xb, qkv, qk, k, v, q, att, gu, hb = self.views(n)
+        tok[:] = tokens
+        pos[:] = np.arange(pos0, pos0 + n, dtype=np.int32) if n > 1 else pos0
+
+        b.embed(self.tok_embeddings, tok, x)
+        for i, L in enumerate(self.layers):
+            # attention
+            b.rmsnorm(x, L.attention_norm, cfg.norm_eps, xb)
+            b.matmul(L.wqkv, xb, qkv)
+            b.rope(qk, cfg.n_heads + cfg.n_kv_heads, cfg.head_dim, pos, self.rope_table)
+            b.kv_store(cache, i, k, v, pos)
+            b.attention(cache, i, q, pos, cfg.n_heads, self.scale, att)
+            b.matmul(L.wo, att, x, True)
+            # feed-forward (SwiGLU)
+            b.rmsnorm(x, L.ffn_norm, cfg.norm_eps, xb)
+            b.matmul(L.w13, xb, gu)
+            b.silu_mul(gu, hb)
+            b.matmul(L.w2, hb, x, True)
+
+        rows = slice(0, n) if all_logits else slice(n - 1, n)
+        m = n if all_logits else 1
+        b.rmsnorm(x[rows], self.norm, cfg.norm_eps, xb[:m])
+        b.matmul(self.output, xb[:m], self.logits[:m])
+        return self.logits[:m] if all_logits else self.logits[0]
+
+    def shift(self, keep: int, discard: int, used: int) -> None:
+        """Context shift: forget cache positions [keep, keep+discard), move the rest down."""
+        rot = rope_rows(self.freqs, np.array([-discard]))[0].reshape(-1)
+        self.backend.kv_shift(self.cache, keep, discard, used, np.ascontiguousarray(rot))
+
+    def close(self):
+        self.tok_embeddings = self.output = None
+        self.layers = []
+        self.norm = None
