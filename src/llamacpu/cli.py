@@ -20,7 +20,7 @@ EXIT_INTERRUPT = 130
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        raise UsageError(f"{self.prog}: {message} (see --help)")
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def _positive_int(s):
@@ -77,6 +77,16 @@ def build_parser():
     ch.add_argument("--system", default=None, help="system prompt")
     ch.add_argument("--template", default=None, help="chat template: llama-2, chatml, plain (default: the model's)")
     _sampling_args(ch)
+
+    b = sub.add_parser("bench", help="measure prompt and generation speed, load time and memory")
+    b.add_argument("model")
+    b.add_argument("-t", "--threads", type=_positive_int, default=None, help="threads (default: physical cores)")
+    b.add_argument("--prompt", type=_positive_int, default=512, help="prompt tokens (default 512)")
+    b.add_argument("--gen", type=_positive_int, default=128, help="generated tokens (default 128)")
+    b.add_argument("--reps", type=_positive_int, default=3, help="repetitions, the median is reported (default 3)")
+    b.add_argument("--isa", default=None, help="force an instruction-set path")
+    b.add_argument("--no-cold", action="store_true", help="skip evicting the file before the first load")
+    b.add_argument("--json", action="store_true", help="also print one JSON object as the last line")
 
     i = sub.add_parser("info", help="show a model's hyperparameters, tensors and the kernels in use")
     i.add_argument("model")
@@ -258,7 +268,16 @@ def cmd_info(args):
     return 0
 
 
-COMMANDS = {"convert": cmd_convert, "generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}
+def cmd_bench(args):
+    from .bench import print_report, run_bench
+
+    r = run_bench(args.model, args.threads, args.prompt, args.gen, args.reps, args.isa, cold=not args.no_cold,
+                  log=lambda s: print(s, file=sys.stderr))
+    print_report(r, args.json)
+    return 0
+
+
+COMMANDS = {"bench": cmd_bench, "convert": cmd_convert, "generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}
 
 
 def main(argv=None) -> int:

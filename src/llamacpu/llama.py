@@ -39,6 +39,7 @@ class Llama:
         self._holder = None
         self.verbose = verbose
         self.model_path = str(model_path)
+        seed_value = _seed_value(seed)  # checked before anything needs releasing
         t0 = time.perf_counter()
         self._file = MappedModelFile(model_path)
         try:
@@ -72,7 +73,7 @@ class Llama:
         self._past = np.zeros(n_ctx, np.int32)  # the tokens the KV cache holds, by position
         self._n_past = 0
         self._logits = np.zeros(cfg.vocab_size, np.float32)  # of the last evaluated token
-        self._sampler = _core.Sampler(_seed_value(seed))
+        self._sampler = _core.Sampler(seed_value)
         self.load_seconds = time.perf_counter() - t0
         self._closed = False
         self.notices: list = []
@@ -135,20 +136,33 @@ class Llama:
             yield
         finally:
             self._holder = None
-            self._lock.release()
+            try:
+                if self._closed and self._model is not None:
+                    self._release()  # close() was called inside this call: it is over now
+            finally:
+                self._lock.release()
 
     def close(self) -> None:
-        """Releases the model file, the cache and the threads. Safe to call twice."""
+        """Releases the model file, the cache and the threads. Safe to call twice.
+
+        Called inside an open stream of this thread (which holds the lock, so waiting for it
+        would wait forever), it refuses new calls at once and releases when the stream ends."""
         if self._closed:
+            return
+        if self._holder == threading.get_ident():
+            self._closed = True
             return
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            self._model.close()
-            self._model = None
-            self._backend = None
-            self._file.close()
+            self._release()
+
+    def _release(self) -> None:
+        self._model.close()
+        self._model = None
+        self._backend = None
+        self._file.close()
 
     def __enter__(self):
         return self
