@@ -5,6 +5,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <memory>
 #include <stdexcept>
@@ -106,6 +108,15 @@ void check_positions(const int32_t* pos, int64_t n, int64_t limit) {
         if (pos[i] < 0 || pos[i] >= limit) throw std::invalid_argument("position outside the context");
 }
 
+// Time spent inside the backend's ops, so a benchmark can tell the kernels' share of a
+// decode step from the Python loop's.
+struct OpTimer {
+    explicit OpTimer(double& total) : total_(total), t0_(std::chrono::steady_clock::now()) {}
+    ~OpTimer() { total_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count(); }
+    double& total_;
+    std::chrono::steady_clock::time_point t0_;
+};
+
 class PyBackend {
 public:
     PyBackend(int n_threads, const std::string& isa) : b_(make_cpu_backend(n_threads, table_or_throw(isa))) {}
@@ -119,6 +130,7 @@ public:
         need(o.cols == w.m.rows, "matmul: out columns != weight rows");
         need(xr.rows == o.rows, "matmul: x rows != out rows");
         py::gil_scoped_release nogil;
+        OpTimer timer(seconds_);
         b_->matmul(w.m, xr.p, xr.rows, xr.ld, o.p, o.ld, accumulate);
     }
 
@@ -127,12 +139,14 @@ public:
         need(xr.rows == o.rows && xr.cols == o.cols, "rmsnorm: x and out differ in shape");
         const float* wp = vec_of<float>(w, "w", xr.cols);
         py::gil_scoped_release nogil;
+        OpTimer timer(seconds_);
         b_->rmsnorm(xr.p, xr.rows, xr.ld, wp, xr.cols, eps, o.p, o.ld);
     }
 
     void rope(py::array x, int64_t n_heads, int64_t hd, py::array pos, py::array table) {
         Rows xr = rows_of(x, "x", true);
-        need(n_heads > 0 && hd > 0 && hd % 2 == 0 && n_heads * hd <= xr.cols, "rope: bad head shape");
+        // Division, not n_heads * hd: a product of two huge ints could wrap past the check.
+        need(n_heads > 0 && hd > 0 && hd % 2 == 0 && n_heads <= xr.cols / hd, "rope: bad head shape");
         const int32_t* pp = vec_of<int32_t>(pos, "pos", xr.rows);
         check_dtype<float>(table, "table");
         need(table.ndim() == 3 && table.shape(1) == 2 && table.shape(2) == hd && table.flags() & py::array::c_style,
@@ -140,6 +154,7 @@ public:
         check_positions(pp, xr.rows, table.shape(0));
         const float* tp = static_cast<const float*>(table.data());
         py::gil_scoped_release nogil;
+        OpTimer timer(seconds_);
         b_->rope(xr.p, xr.rows, xr.ld, n_heads, hd, pp, tp);
     }
 
@@ -150,6 +165,7 @@ public:
         const int32_t* pp = vec_of<int32_t>(pos, "pos", kr.rows);
         check_positions(pp, kr.rows, c.n_ctx);
         py::gil_scoped_release nogil;
+        OpTimer timer(seconds_);
         b_->kv_store(c, layer, kr.p, kr.ld, vr.p, vr.ld, kr.rows, pp);
     }
 
@@ -157,10 +173,13 @@ public:
         Rows qr = rows_of(q, "q", false), o = rows_of(out, "out", true);
         need(layer >= 0 && layer < c.n_layers, "attention: layer out of range");
         need(n_heads > 0 && n_heads % c.n_kv_heads == 0, "attention: heads not a multiple of kv heads");
-        need(qr.cols == n_heads * c.head_dim && o.cols == qr.cols && o.rows == qr.rows, "attention: bad shape");
+        need(n_heads <= qr.cols / c.head_dim && qr.cols == n_heads * c.head_dim && o.cols == qr.cols &&
+                 o.rows == qr.rows,
+             "attention: bad shape");
         const int32_t* pp = vec_of<int32_t>(pos, "pos", qr.rows);
         check_positions(pp, qr.rows, c.n_ctx);
         py::gil_scoped_release nogil;
+        OpTimer timer(seconds_);
         b_->attention(c, layer, qr.p, qr.ld, qr.rows, pp, n_heads, scale, o.p, o.ld);
     }
 
@@ -168,6 +187,7 @@ public:
         Rows g = rows_of(gu, "gu", false), o = rows_of(out, "out", true);
         need(g.rows == o.rows && g.cols == 2 * o.cols, "silu_mul: gu must be [n, 2*m] for out [n, m]");
         py::gil_scoped_release nogil;
+        OpTimer timer(seconds_);
         b_->silu_mul(g.p, g.rows, g.ld, o.cols, o.p, o.ld);
     }
 
@@ -178,18 +198,24 @@ public:
         for (int64_t i = 0; i < o.rows; ++i)
             if (tp[i] < 0 || tp[i] >= w.m.rows) throw std::invalid_argument("embed: token id out of range");
         py::gil_scoped_release nogil;
+        OpTimer timer(seconds_);
         b_->embed(w.m, tp, o.rows, o.p, o.ld);
     }
 
     void kv_shift(KVCache& c, int64_t keep, int64_t discard, int64_t used, py::array rot) {
-        need(keep >= 0 && discard > 0 && keep + discard <= used && used <= c.n_ctx, "kv_shift: bad range");
+        need(keep >= 0 && discard > 0 && used <= c.n_ctx && keep <= used && discard <= used - keep,
+             "kv_shift: bad range");
         const float* rp = vec_of<float>(rot, "rot", 2 * c.head_dim);
         py::gil_scoped_release nogil;
+        OpTimer timer(seconds_);
         b_->kv_shift(c, keep, discard, used, rp);
     }
 
+    double seconds() const { return seconds_; }
+
 private:
     std::unique_ptr<Backend> b_;
+    double seconds_ = 0.0;
 };
 
 // Direct access to single kernels of one table, for the tests that compare each SIMD path
@@ -223,7 +249,9 @@ public:
         const bool f16 = py::dtype::of<uint16_t>().is(k.dtype());
         if (f16) check_dtype<uint16_t>(v, "v"); else { check_dtype<float>(k, "k"); check_dtype<float>(v, "v"); }
         const int64_t n_pos = k.shape(0), hd = k.shape(1);
-        need(n_pos > 0 && qr.rows == 1 && qr.cols == n_rep * hd && o.cols == qr.cols, "attention: bad shape");
+        need(n_pos > 0 && hd > 0 && n_rep > 0 && n_rep <= qr.cols / hd && qr.rows == 1 && qr.cols == n_rep * hd &&
+                 o.cols == qr.cols,
+             "attention: bad shape");
         std::vector<float> scores(static_cast<size_t>(n_pos));
         k_->attention(qr.p, k.data(), v.data(), f16, n_pos, hd, n_rep, scale, scores.data(), o.p);
     }
@@ -231,6 +259,55 @@ public:
 private:
     const KernelTable* k_;
 };
+
+// Positions [0, n) of one head's keys or values as floats: a copy, for tests and debugging.
+py::array_t<float> cache_rows(KVCache& c, int64_t layer, int64_t head, int64_t n, bool values) {
+    need(layer >= 0 && layer < c.n_layers && head >= 0 && head < c.n_kv_heads && n >= 0 && n <= c.n_ctx, "range");
+    py::array_t<float> out({n, c.head_dim});
+    for (int64_t p = 0; p < n; ++p) {
+        float* o = out.mutable_data(p);
+        const uint8_t* row = values ? c.v(layer, head, p) : c.k(layer, head, p);
+        if (c.f16) {
+            const uint16_t* s = reinterpret_cast<const uint16_t*>(row);
+            for (int64_t i = 0; i < c.head_dim; ++i) o[i] = fp16_to_fp32(s[i]);
+        } else {
+            std::memcpy(o, row, size_t(c.head_dim) * 4);
+        }
+    }
+    return out;
+}
+
+// Reads every byte of buf with n_threads threads; returns the seconds taken. The memory
+// bandwidth reference for token generation, which streams every weight once per token.
+double read_seconds(py::buffer buf, int n_threads) {
+    py::buffer_info info = buf.request();
+    const auto* p = static_cast<const uint64_t*>(info.ptr);
+    const int64_t words = info.size * info.itemsize / 8;
+    constexpr int64_t kChunk = 1 << 17;  // 1 MiB of uint64
+    const int64_t chunks = (words + kChunk - 1) / kChunk;
+    ThreadPool pool(n_threads);
+    std::vector<uint64_t> sink(size_t(n_threads) * 8, 0);
+    py::gil_scoped_release nogil;
+    const auto t0 = std::chrono::steady_clock::now();
+    pool.run(chunks, [&](int64_t c, int thread) {
+        const int64_t a = c * kChunk, b = std::min(words, a + kChunk);
+        uint64_t x0 = 0, x1 = 0, x2 = 0, x3 = 0;
+        int64_t i = a;
+        for (; i + 4 <= b; i += 4) {
+            x0 ^= p[i];
+            x1 ^= p[i + 1];
+            x2 ^= p[i + 2];
+            x3 ^= p[i + 3];
+        }
+        for (; i < b; ++i) x0 ^= p[i];
+        sink[size_t(thread) * 8] ^= x0 ^ x1 ^ x2 ^ x3;
+    });
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    volatile uint64_t keep = 0;
+    for (uint64_t v : sink) keep = keep ^ v;
+    (void)keep;
+    return dt;
+}
 
 }  // namespace
 
@@ -262,6 +339,8 @@ PYBIND11_MODULE(_core, m) {
         d["dotprod"] = f.dotprod;
         return d;
     });
+    m.def("read_seconds", &read_seconds, py::arg("buffer"), py::arg("n_threads"),
+          "Seconds to read every byte of buffer with n threads (memory bandwidth probe)");
     m.def("usable_isas", [] {
         std::vector<std::string> names;
         for (const KernelTable* k : usable_tables()) names.push_back(k->name);
@@ -284,33 +363,26 @@ PYBIND11_MODULE(_core, m) {
     py::class_<KVCache>(m, "KVCache")
         .def(py::init([](int64_t n_layers, int64_t n_kv_heads, int64_t n_ctx, int64_t head_dim, bool f16) {
                  need(n_layers > 0 && n_kv_heads > 0 && n_ctx > 0 && head_dim > 0, "KVCache: sizes must be positive");
-                 need(n_layers * n_kv_heads * n_ctx * head_dim < (int64_t(1) << 40), "KVCache: too large");
+                 // Checked factor by factor: the plain product of four large ints can wrap.
+                 int64_t elems = 1;
+                 for (int64_t f : {n_layers, n_kv_heads, n_ctx, head_dim}) {
+                     need(f < (int64_t(1) << 40) / elems, "KVCache: too large");
+                     elems *= f;
+                 }
                  return new KVCache(n_layers, n_kv_heads, n_ctx, head_dim, f16);
              }),
              py::arg("n_layers"), py::arg("n_kv_heads"), py::arg("n_ctx"), py::arg("head_dim"), py::arg("f16"))
         .def_property_readonly("bytes", &KVCache::bytes)
         .def_readonly("n_ctx", &KVCache::n_ctx)
         .def_readonly("f16", &KVCache::f16)
-        .def("keys", [](KVCache& c, int64_t layer, int64_t head, int64_t n) {
-            // A copy, for tests and debugging.
-            need(layer >= 0 && layer < c.n_layers && head >= 0 && head < c.n_kv_heads && n >= 0 && n <= c.n_ctx, "range");
-            py::array_t<float> out({n, c.head_dim});
-            for (int64_t p = 0; p < n; ++p) {
-                float* o = out.mutable_data(p);
-                if (c.f16) {
-                    const uint16_t* s = reinterpret_cast<const uint16_t*>(c.k(layer, head, p));
-                    for (int64_t i = 0; i < c.head_dim; ++i) o[i] = fp16_to_fp32(s[i]);
-                } else {
-                    std::memcpy(o, c.k(layer, head, p), size_t(c.head_dim) * 4);
-                }
-            }
-            return out;
-        });
+        .def("keys", [](KVCache& c, int64_t layer, int64_t head, int64_t n) { return cache_rows(c, layer, head, n, false); })
+        .def("values", [](KVCache& c, int64_t layer, int64_t head, int64_t n) { return cache_rows(c, layer, head, n, true); });
 
     py::class_<PyBackend>(m, "Backend")
         .def(py::init<int, const std::string&>(), py::arg("n_threads") = 1, py::arg("isa") = "auto")
         .def_property_readonly("name", &PyBackend::name)
         .def_property_readonly("n_threads", &PyBackend::n_threads)
+        .def_property_readonly("seconds", &PyBackend::seconds, "Total time spent inside ops")
         .def("matmul", &PyBackend::matmul, py::arg("w"), py::arg("x"), py::arg("out"), py::arg("accumulate") = false)
         .def("rmsnorm", &PyBackend::rmsnorm)
         .def("rope", &PyBackend::rope)

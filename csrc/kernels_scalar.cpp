@@ -98,7 +98,7 @@ static void quantize_row_q8(const float* x, int64_t k, int8_t* q, float* d, int3
         float amax = 0.0f;
         for (int i = 0; i < kBlock; ++i) amax = std::fmax(amax, std::fabs(xb[i]));
         const float db = amax / 127.0f;
-        const float id = db > 0.0f ? 127.0f / amax : 0.0f;
+        const float id = act_inv_scale(amax);
         int32_t sum = 0;
         for (int i = 0; i < kBlock; ++i) {
             // nearbyint: round half to even, as the SIMD conversions do.

@@ -17,7 +17,7 @@ static void quantize_block_q4_0(const float* x, uint8_t* q, uint16_t* d_out) {
             mx = x[i];
         }
     }
-    const float d = mx / -8.0f;
+    const float d = mx != 0.0f ? mx / -8.0f : 0.0f;  // +0, not -0, for an all-zero block
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
     for (int i = 0; i < kBlock; ++i) {
         const int v = int(x[i] * id + 8.5f);

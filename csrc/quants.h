@@ -120,6 +120,15 @@ inline uint16_t fp32_to_fp16(float f) {
 
 // ---- quantized activations ------------------------------------------------------------
 
+// The activation quantizer's multiplier 127/amax, or 0 where that is not finite: amax == 0,
+// or amax below ~3.7e-37 where the quotient overflows (x * inf would be inf or NaN, and its
+// conversion to int differs between instruction sets). Such a block quantizes to zeros.
+// Every kernel path calls this one function, so they agree bit for bit.
+inline float act_inv_scale(float amax) {
+    const float inv = 127.0f / amax;
+    return inv <= 3.40282347e+38f ? inv : 0.0f;
+}
+
 // Activations for the quantized matmuls: each row of x quantized to int8 per 32-block with
 // a float scale, plus the integer sum of each block (Q4_0 weights are stored as q = w/d + 8,
 // so the kernels compute sum(q*a) and subtract 8*sum(a)).

@@ -215,7 +215,7 @@ static inline void quantize_row_q8_avx2(const float* x, int64_t k, int8_t* q, fl
         m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
         m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
         const float amax = _mm_cvtss_f32(m4);
-        const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        const float id = act_inv_scale(amax);
         d[b] = amax / 127.0f;
         const __m256 vid = _mm256_set1_ps(id);
         __m256i i32[4];

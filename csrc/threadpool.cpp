@@ -1,5 +1,7 @@
 #include "threadpool.h"
 
+#include <sched.h>
+
 #include <chrono>
 
 #if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
@@ -55,7 +57,15 @@ void ThreadPool::run(int64_t n_tasks, const std::function<void(int64_t, int)>& f
     }
     cv_.notify_all();
     work(0);
-    while (pending_.load(std::memory_order_acquire) > 0) cpu_relax();
+    // Workers finish within microseconds when they have a core; when the machine is
+    // oversubscribed, yielding lets a descheduled worker run instead of spinning against it.
+    for (int spins = 0; pending_.load(std::memory_order_acquire) > 0; ++spins) {
+        if (spins < 4096) {
+            cpu_relax();
+        } else {
+            sched_yield();
+        }
+    }
 }
 
 void ThreadPool::worker(int index) {
@@ -65,8 +75,8 @@ void ThreadPool::worker(int index) {
         int spins = 0;
         while (epoch_.load(std::memory_order_acquire) == seen) {
             cpu_relax();
-            if (++spins == 256) {
-                spins = 0;
+            if (++spins % 256 == 0) {
+                if (spins >= 4096) sched_yield();
                 if (std::chrono::steady_clock::now() - start > kSpin) {
                     std::unique_lock<std::mutex> lock(mu_);
                     cv_.wait(lock, [&] { return epoch_.load(std::memory_order_acquire) != seen; });
