@@ -89,6 +89,10 @@ class Checkpoint:
     source: str
     name: str
     files: list = field(default_factory=list, repr=False)
+    # The model's own chat template (Jinja), when the source carries one.
+    chat_template: Optional[str] = None
+    # What the tokenizer data alone does not say: bos_id, eos_id, add_bos, end-of-turn tokens.
+    tokenizer_info: dict = field(default_factory=dict)
 
     def close(self) -> None:
         for f in self.files:
@@ -342,9 +346,14 @@ def _open_hf(folder: Path, files: list) -> Checkpoint:
         for canon, heads in ((f"layers.{i}.wq", n_heads), (f"layers.{i}.wk", n_kv_heads)):
             t = found[canon]
             found[canon] = RowPermutedTensor(t.name, t, unrotate_half_perm(heads, head_dim))
+    chat_template, tok_info = _hf_tokenizer_config(folder, tok_kind, tok_data)
+    tok_info.setdefault("bos_id", bos)
+    tok_info.setdefault("eos_id", eos)
+    if "eos_ids" in extra:
+        tok_info.setdefault("eot_ids", [i for i in extra["eos_ids"] if i != tok_info["eos_id"]])
     return Checkpoint(config=config, tensors=_ordered(found, config), tokenizer_kind=tok_kind,
                       tokenizer_data=tok_data, source=source, name=folder.resolve().name,
-                      files=files)
+                      files=files, chat_template=chat_template, tokenizer_info=tok_info)
 
 
 def _hf_weights(folder: Path, files: list) -> tuple:
@@ -423,6 +432,72 @@ def _hf_tokenizer(folder: Path) -> tuple:
         _read_json(js)
         return "hf-json", _read_bytes(js, MAX_JSON_BYTES), None
     raise CheckpointError(f"{folder}: no tokenizer.model or tokenizer.json")
+
+
+def _hf_tokenizer_config(folder: Path, tok_kind: str, tok_data: bytes) -> tuple:
+    """(chat template or None, tokenizer info) from tokenizer_config.json and
+    chat_template.jinja, when the folder has them."""
+    info: dict = {}
+    template = None
+    cfg_path = folder / "tokenizer_config.json"
+    conf = _read_json(cfg_path) if cfg_path.is_file() else {}
+    where = str(cfg_path)
+    raw = conf.get("chat_template")
+    if isinstance(raw, list):
+        # Several named templates: the "default" one is the chat template.
+        named = {t.get("name"): t.get("template") for t in raw if isinstance(t, dict)}
+        raw = named.get("default", next(iter(named.values()), None))
+    if raw is not None and not isinstance(raw, str):
+        raise CheckpointError(f"{where}: chat_template must be a string, got {type(raw).__name__}")
+    template = raw or None
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        try:
+            template = _read_bytes(jinja, MAX_JSON_BYTES).decode("utf-8")
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{jinja}: not UTF-8 text") from None
+    if "add_bos_token" in conf:
+        if not isinstance(conf["add_bos_token"], bool):
+            raise CheckpointError(f"{where}: add_bos_token must be true or false")
+        info["add_bos"] = conf["add_bos_token"]
+    lookup = _token_lookup(tok_kind, tok_data)
+    for role in ("bos", "eos"):
+        tok = conf.get(f"{role}_token")
+        if isinstance(tok, dict):  # an AddedToken written out as an object
+            tok = tok.get("content")
+        if tok is None:
+            continue
+        if not isinstance(tok, str):
+            raise CheckpointError(f"{where}: {role}_token must be a string, got {tok!r}")
+        info[f"{role}_token"] = tok
+        tid = lookup(tok)
+        if tid is not None:
+            info[f"{role}_id"] = tid
+    return template, info
+
+
+def _token_lookup(tok_kind: str, tok_data: bytes):
+    """A function from a token's text to its id (None if the tokenizer lacks it)."""
+    if tok_kind == "sentencepiece":
+        import sentencepiece
+
+        sp = sentencepiece.SentencePieceProcessor(model_proto=tok_data)
+
+        def sp_lookup(piece):
+            i = sp.PieceToId(piece)
+            return i if sp.IdToPiece(i) == piece else None
+        return sp_lookup
+    tj = json.loads(tok_data.decode("utf-8"))
+    tj = tj if isinstance(tj, dict) else {}
+    table = {}
+    model = tj.get("model")
+    if isinstance(model, dict) and isinstance(model.get("vocab"), dict):
+        table.update({k: v for k, v in model["vocab"].items() if _is_int(v)})
+    added = tj.get("added_tokens")
+    for t in added if isinstance(added, list) else []:
+        if isinstance(t, dict) and isinstance(t.get("content"), str) and _is_int(t.get("id")):
+            table[t["content"]] = t["id"]
+    return table.get
 
 
 # ----------------------------------------------------------------------------- checks

@@ -243,12 +243,12 @@ class ConcatTensor(LazyTensor):
                 raise CheckpointError(
                     f"{where}: tensor {name}: shard {i} has shape {list(p.shape)}, which does not "
                     f"join shard 0's {list(first.shape)} along dim {dim}")
-            if p.dtype != first.dtype:
-                raise CheckpointError(
-                    f"{where}: tensor {name}: shard {i} is {p.dtype} but shard 0 is {first.dtype}")
         shape = list(first.shape)
         shape[dim] = sum(p.shape[dim] for p in parts)
-        super().__init__(name, shape, first.dtype, where)
+        # Parts of different storage types still read as float32: a GGUF Q4_K_M file keeps
+        # attn_v in Q6_K beside Q4_K attn_q/attn_k, and the converter fuses the three.
+        dtypes = {p.dtype for p in parts}
+        super().__init__(name, shape, first.dtype if len(dtypes) == 1 else "mixed", where)
         self.parts = parts
         self.dim = dim
 

@@ -318,6 +318,7 @@ PYBIND11_MODULE(_core, m) {
     m.attr("F16") = int(kF16);
     m.attr("Q8_0") = int(kQ8_0);
     m.attr("Q4_0") = int(kQ4_0);
+    m.attr("Q4_1") = int(kQ4_1);
     m.attr("TILE_ROWS") = kTileRows;
     m.attr("BLOCK") = kBlock;
 
@@ -423,7 +424,7 @@ PYBIND11_MODULE(_core, m) {
 
     m.def("quantize_tiles", [](int32_t dtype, py::array src, py::array quants, py::array scales) {
         Rows s = rows_of(src, "src", false);
-        need(is_quantized(dtype), "quantize_tiles: dtype must be Q8_0 or Q4_0");
+        need(is_quantized(dtype), "quantize_tiles: dtype must be Q8_0, Q4_0 or Q4_1");
         need(s.cols % kBlock == 0 && s.ld == s.cols, "quantize_tiles: src must be contiguous, cols % 32 == 0");
         const int64_t nb = s.cols / kBlock, tiles = n_tiles(s.rows);
         check_dtype<uint8_t>(quants, "quants");
@@ -431,7 +432,7 @@ PYBIND11_MODULE(_core, m) {
         need(quants.writeable() && scales.writeable(), "quantize_tiles: outputs must be writable");
         need((quants.flags() & py::array::c_style) && (scales.flags() & py::array::c_style), "outputs: C-contiguous");
         need(quants.size() == tiles * nb * tile_block_quant_bytes(dtype), "quantize_tiles: quants has the wrong size");
-        need(scales.size() == tiles * nb * kTileRows, "quantize_tiles: scales has the wrong size");
+        need(scales.size() == tiles * nb * tile_block_scale_bytes(dtype) / 2, "quantize_tiles: scales has the wrong size");
         uint8_t* qp = static_cast<uint8_t*>(quants.mutable_data());
         uint16_t* sp = static_cast<uint16_t*>(scales.mutable_data());
         py::gil_scoped_release nogil;

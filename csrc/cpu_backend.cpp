@@ -171,7 +171,7 @@ private:
         const int64_t want = int64_t(pool_.size()) * 8;
         const int64_t tiles_per_task = std::max<int64_t>(1, tiles * tok_chunks / want);
         const int64_t tile_tasks = (tiles + tiles_per_task - 1) / tiles_per_task;
-        auto fn = w.dtype == kQ4_0 ? k_->matmul_q4_0 : k_->matmul_q8_0;
+        auto fn = w.dtype == kQ4_0 ? k_->matmul_q4_0 : w.dtype == kQ4_1 ? k_->matmul_q4_1 : k_->matmul_q8_0;
         pool_.run(tile_tasks * tok_chunks, [&](int64_t task, int) {
             const int64_t tc = task / tile_tasks, tt = task % tile_tasks;
             const int64_t tok0 = tc * kTokChunk, ntok = std::min(kTokChunk, n_tok - tok0);

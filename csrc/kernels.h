@@ -19,10 +19,14 @@ struct KernelTable {
     const char* name;
 
     // out[t*ldo + n] (+)= sum_k W[n,k] * x[t,k] for the rows of tiles [tile0, tile1) that are
-    // < n_rows, for every token t < a.T. W is a Q4_0 / Q8_0 tiled matrix (quants.h).
+    // < n_rows, for every token t < a.T. W is a Q4_0 / Q8_0 / Q4_1 tiled matrix (quants.h).
+    // Per row and token: acc += float(int dot) * (d_w * d_a) per block, in block order, with
+    // one fused multiply-add (and for Q4_1 a second: acc += m_w * (float(sum a) * d_a)).
     void (*matmul_q4_0)(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, int64_t tile1,
                         const ActQ8& a, float* out, int64_t ldo, bool accumulate);
     void (*matmul_q8_0)(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, int64_t tile1,
+                        const ActQ8& a, float* out, int64_t ldo, bool accumulate);
+    void (*matmul_q4_1)(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, int64_t tile1,
                         const ActQ8& a, float* out, int64_t ldo, bool accumulate);
 
     // The same for plain row-major F16 / F32 matrices, rows [row0, row1), float activations

@@ -21,14 +21,22 @@ static inline const uint16_t* tile_scales(const uint8_t* w, int64_t ntiles, int6
     return reinterpret_cast<const uint16_t*>(w + ntiles * nb * qbytes);
 }
 
-// Integer dot of one Q4_0 half-tile block (8 rows) with one activation block: lane r is row r.
-static inline __m256i q4_block_dot(const __m256i* wv, const int8_t* x, int32_t xsum) {
+// Integer dot of one 4-bit half-tile block (8 rows) with one activation block, minus corr:
+// lane r is row r.
+static inline __m256i q4_block_dot(const __m256i* wv, const int8_t* x, int32_t corr) {
     __m256i s = _mm256_setzero_si256();
     for (int v = 0; v < 4; ++v) {
         s = _mm256_add_epi16(s, _mm256_maddubs_epi16(wv[v], bcast4(x + 4 * v)));
         s = _mm256_add_epi16(s, _mm256_maddubs_epi16(wv[4 + v], bcast4(x + 16 + 4 * v)));
     }
-    return _mm256_sub_epi32(_mm256_madd_epi16(s, _mm256_set1_epi16(1)), _mm256_set1_epi32(8 * xsum));
+    return _mm256_sub_epi32(_mm256_madd_epi16(s, _mm256_set1_epi16(1)), _mm256_set1_epi32(corr));
+}
+
+// Q4_0 nibbles stand for q - 8: the dot subtracts 8 * sum(x). Q4_1's stand for q and the min
+// term is added in float.
+template <int kType>
+static inline int32_t q4_corr(int32_t xsum) {
+    return kType == kQ4_0 ? 8 * xsum : 0;
 }
 
 static inline void q4_unpack(const uint8_t* q, __m256i* wv) {
@@ -59,21 +67,27 @@ template <int kType, int NT>
 static inline void tile_half(const uint8_t* quants, const uint16_t* scales, int64_t nb, int64_t t, int h,
                              const ActQ8& a, int64_t tok0, float* out, int64_t ldo, int64_t row_valid,
                              bool accumulate) {
-    constexpr int64_t qbytes = kType == kQ4_0 ? kQ4TileBlockQuants : kQ8TileBlockQuants;
+    constexpr int64_t qbytes = kType == kQ8_0 ? kQ8TileBlockQuants : kQ4TileBlockQuants;
+    constexpr int64_t sstride = kType == kQ4_1 ? 2 * kTileRows : kTileRows;
     __m256 acc[NT];
     for (int i = 0; i < NT; ++i) acc[i] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* q = quants + (t * nb + b) * qbytes + h * 32;
-        const __m256 sc = _mm256_cvtph_ps(
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + (t * nb + b) * kTileRows + h * 8)));
+        const uint16_t* sp = scales + (t * nb + b) * sstride + h * 8;
+        const __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sp)));
+        __m256 mins = _mm256_setzero_ps();
+        if (kType == kQ4_1) mins = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sp + kTileRows)));
         __m256i wv[8];
-        if (kType == kQ4_0) q4_unpack(q, wv);
+        if (kType != kQ8_0) q4_unpack(q, wv);
         for (int i = 0; i < NT; ++i) {
             const int64_t tok = tok0 + i;
             const int8_t* x = a.q + tok * a.ldq + b * kBlock;
-            const __m256i dot = kType == kQ4_0 ? q4_block_dot(wv, x, a.s[tok * a.nb + b]) : q8_block_dot(q, x);
-            const __m256 scale = _mm256_mul_ps(sc, _mm256_set1_ps(a.d[tok * a.nb + b]));
+            const int32_t xsum = a.s[tok * a.nb + b];
+            const float da = a.d[tok * a.nb + b];
+            const __m256i dot = kType == kQ8_0 ? q8_block_dot(q, x) : q4_block_dot(wv, x, q4_corr<kType>(xsum));
+            const __m256 scale = _mm256_mul_ps(sc, _mm256_set1_ps(da));
             acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[i]);
+            if (kType == kQ4_1) acc[i] = _mm256_fmadd_ps(mins, _mm256_set1_ps(float(xsum) * da), acc[i]);
         }
     }
     for (int i = 0; i < NT; ++i)
@@ -84,19 +98,20 @@ static inline void tile_half(const uint8_t* quants, const uint16_t* scales, int6
 template <int kType>
 static inline void tile_gemv(const uint8_t* quants, const uint16_t* scales, int64_t nb, int64_t t,
                              const ActQ8& a, float* out, int64_t n_rows, bool accumulate) {
-    constexpr int64_t qbytes = kType == kQ4_0 ? kQ4TileBlockQuants : kQ8TileBlockQuants;
+    constexpr int64_t qbytes = kType == kQ8_0 ? kQ8TileBlockQuants : kQ4TileBlockQuants;
+    constexpr int64_t sstride = kType == kQ4_1 ? 2 * kTileRows : kTileRows;
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* q = quants + (t * nb + b) * qbytes;
-        const uint16_t* sp = scales + (t * nb + b) * kTileRows;
+        const uint16_t* sp = scales + (t * nb + b) * sstride;
         const int8_t* x = a.q + b * kBlock;
         __m256i d0, d1;
-        if (kType == kQ4_0) {
+        if (kType != kQ8_0) {
             __m256i wv[8];
             q4_unpack(q, wv);
-            d0 = q4_block_dot(wv, x, a.s[b]);
+            d0 = q4_block_dot(wv, x, q4_corr<kType>(a.s[b]));
             q4_unpack(q + 32, wv);
-            d1 = q4_block_dot(wv, x, a.s[b]);
+            d1 = q4_block_dot(wv, x, q4_corr<kType>(a.s[b]));
         } else {
             d0 = q8_block_dot(q, x);
             d1 = q8_block_dot(q + 32, x);
@@ -106,6 +121,13 @@ static inline void tile_gemv(const uint8_t* quants, const uint16_t* scales, int6
         const __m256 s1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sp + 8)));
         acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_mul_ps(s0, da), acc0);
         acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_mul_ps(s1, da), acc1);
+        if (kType == kQ4_1) {
+            const __m256 sa = _mm256_set1_ps(float(a.s[b]) * a.d[b]);
+            const __m256 m0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sp + 16)));
+            const __m256 m1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sp + 24)));
+            acc0 = _mm256_fmadd_ps(m0, sa, acc0);
+            acc1 = _mm256_fmadd_ps(m1, sa, acc1);
+        }
     }
     const int64_t n0 = t * kTileRows;
     store_rows8(out + n0, acc0, n_rows - n0, accumulate);
@@ -116,8 +138,7 @@ template <int kType>
 static void matmul_q(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, int64_t tile1,
                      const ActQ8& a, float* out, int64_t ldo, bool accumulate) {
     const int64_t nb = k / kBlock;
-    const int64_t qbytes = kType == kQ4_0 ? kQ4TileBlockQuants : kQ8TileBlockQuants;
-    const uint16_t* scales = tile_scales(w, n_tiles(n_rows), nb, qbytes);
+    const uint16_t* scales = tile_scales(w, n_tiles(n_rows), nb, tile_block_quant_bytes(kType));
     for (int64_t t = tile0; t < tile1; ++t) {
         if (a.T == 1) {
             tile_gemv<kType>(w, scales, nb, t, a, out, n_rows, accumulate);
@@ -143,6 +164,11 @@ static void matmul_q8_0(const uint8_t* w, int64_t n_rows, int64_t k, int64_t til
     matmul_q<kQ8_0>(w, n_rows, k, tile0, tile1, a, out, ldo, accumulate);
 }
 
+static void matmul_q4_1(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, int64_t tile1,
+                        const ActQ8& a, float* out, int64_t ldo, bool accumulate) {
+    matmul_q<kQ4_1>(w, n_rows, k, tile0, tile1, a, out, ldo, accumulate);
+}
+
 static void matmul_f16(const uint16_t* w, int64_t k, int64_t row0, int64_t row1, const float* x,
                        int64_t ldx, int64_t n_tok, float* out, int64_t ldo, bool accumulate) {
     matmul_float_avx2(w, k, row0, row1, x, ldx, n_tok, out, ldo, accumulate);
@@ -159,6 +185,7 @@ const KernelTable kAvx2Kernels = {
     "avx2",
     avx2::matmul_q4_0,
     avx2::matmul_q8_0,
+    avx2::matmul_q4_1,
     avx2::matmul_f16,
     avx2::matmul_f32,
     avx2::quantize_row_q8_avx2,

@@ -63,7 +63,7 @@ static inline __m512i bcast4z(const int8_t* p) {
 // The 8 weight vectors of one tile-block as unsigned bytes, in group order 0..7.
 template <int kType>
 static inline void unpack_block(const uint8_t* q, __m512i* wv) {
-    if (kType == kQ4_0) {
+    if (kType != kQ8_0) {
         const __m512i m4 = _mm512_set1_epi8(0x0f);
         for (int v = 0; v < 4; ++v) {
             const __m512i raw = _mm512_loadu_si512(q + v * 64);
@@ -82,11 +82,13 @@ template <int kType>
 static inline __m512i block_dot(const __m512i* wv, const int8_t* x, int32_t xsum) {
     __m512i acc = _mm512_setzero_si512();
     for (int g = 0; g < 8; ++g) {
-        // Q4_0 nibble vectors are ordered (group v, group v+4) in wv[v], wv[4+v].
-        const int col = kType == kQ4_0 ? (g < 4 ? 4 * g : 16 + 4 * (g - 4)) : 4 * g;
+        // 4-bit nibble vectors are ordered (group v, group v+4) in wv[v], wv[4+v].
+        const int col = kType != kQ8_0 ? (g < 4 ? 4 * g : 16 + 4 * (g - 4)) : 4 * g;
         acc = _mm512_dpbusd_epi32(acc, wv[g], bcast4z(x + col));
     }
-    const int32_t corr = kType == kQ4_0 ? 8 * xsum : 128 * xsum;
+    // Q4_0 nibbles stand for q - 8, Q8_0 bytes were flipped to w + 128; Q4_1's min term is
+    // added in float.
+    const int32_t corr = kType == kQ4_0 ? 8 * xsum : kType == kQ8_0 ? 128 * xsum : 0;
     return _mm512_sub_epi32(acc, _mm512_set1_epi32(corr));
 }
 
@@ -105,19 +107,25 @@ template <int kType, int NT>
 static inline void tile_tokens(const uint8_t* quants, const uint16_t* scales, int64_t nb, int64_t t,
                                const ActQ8& a, int64_t tok0, float* out, int64_t ldo, int64_t valid,
                                bool accumulate) {
-    constexpr int64_t qbytes = kType == kQ4_0 ? kQ4TileBlockQuants : kQ8TileBlockQuants;
+    constexpr int64_t qbytes = kType == kQ8_0 ? kQ8TileBlockQuants : kQ4TileBlockQuants;
+    constexpr int64_t sstride = kType == kQ4_1 ? 2 * kTileRows : kTileRows;
     __m512 acc[NT];
     for (int i = 0; i < NT; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
         __m512i wv[8];
         unpack_block<kType>(quants + (t * nb + b) * qbytes, wv);
-        const __m512 sc = _mm512_cvtph_ps(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + (t * nb + b) * kTileRows)));
+        const uint16_t* sp = scales + (t * nb + b) * sstride;
+        const __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sp)));
+        __m512 mins = _mm512_setzero_ps();
+        if (kType == kQ4_1) mins = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sp + kTileRows)));
         for (int i = 0; i < NT; ++i) {
             const int64_t tok = tok0 + i;
-            const __m512i dot = block_dot<kType>(wv, a.q + tok * a.ldq + b * kBlock, a.s[tok * a.nb + b]);
-            const __m512 scale = _mm512_mul_ps(sc, _mm512_set1_ps(a.d[tok * a.nb + b]));
+            const int32_t xsum = a.s[tok * a.nb + b];
+            const float da = a.d[tok * a.nb + b];
+            const __m512i dot = block_dot<kType>(wv, a.q + tok * a.ldq + b * kBlock, xsum);
+            const __m512 scale = _mm512_mul_ps(sc, _mm512_set1_ps(da));
             acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[i]);
+            if (kType == kQ4_1) acc[i] = _mm512_fmadd_ps(mins, _mm512_set1_ps(float(xsum) * da), acc[i]);
         }
     }
     for (int i = 0; i < NT; ++i) store_rows16(out + (tok0 + i) * ldo + t * kTileRows, acc[i], valid, accumulate);
@@ -127,8 +135,7 @@ template <int kType>
 static void matmul_q(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, int64_t tile1,
                      const ActQ8& a, float* out, int64_t ldo, bool accumulate) {
     const int64_t nb = k / kBlock;
-    const int64_t qbytes = kType == kQ4_0 ? kQ4TileBlockQuants : kQ8TileBlockQuants;
-    const uint16_t* scales = reinterpret_cast<const uint16_t*>(w + n_tiles(n_rows) * nb * qbytes);
+    const uint16_t* scales = reinterpret_cast<const uint16_t*>(w + n_tiles(n_rows) * nb * tile_block_quant_bytes(kType));
     for (int64_t t = tile0; t < tile1; ++t) {
         const int64_t valid = n_rows - t * kTileRows;
         int64_t tok = 0;
@@ -148,6 +155,11 @@ static void matmul_q8_0(const uint8_t* w, int64_t n_rows, int64_t k, int64_t til
     matmul_q<kQ8_0>(w, n_rows, k, tile0, tile1, a, out, ldo, accumulate);
 }
 
+static void matmul_q4_1(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, int64_t tile1,
+                        const ActQ8& a, float* out, int64_t ldo, bool accumulate) {
+    matmul_q<kQ4_1>(w, n_rows, k, tile0, tile1, a, out, ldo, accumulate);
+}
+
 static void matmul_f16(const uint16_t* w, int64_t k, int64_t row0, int64_t row1, const float* x,
                        int64_t ldx, int64_t n_tok, float* out, int64_t ldo, bool accumulate) {
     matmul_float_avx2(w, k, row0, row1, x, ldx, n_tok, out, ldo, accumulate);
@@ -164,6 +176,7 @@ const KernelTable LLAMACPU_TABLE = {
     LLAMACPU_TABLE_NAME,
     LLAMACPU_NS::matmul_q4_0,
     LLAMACPU_NS::matmul_q8_0,
+    LLAMACPU_NS::matmul_q4_1,
     LLAMACPU_NS::matmul_f16,
     LLAMACPU_NS::matmul_f32,
     LLAMACPU_NS::quantize_row_q8_avx2,

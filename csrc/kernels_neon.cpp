@@ -386,7 +386,7 @@ static void matmul_f32(const float* w, int64_t k, int64_t row0, int64_t row1, co
 // group order: wv[g] holds columns 4g..4g+3 of the four rows.
 template <int kType>
 static inline void load_quarter(const uint8_t* tb, int qq, int8x16_t* wv) {
-    if (kType == kQ4_0) {
+    if (kType != kQ8_0) {
         const uint8x16_t m4 = vdupq_n_u8(0x0f);
         for (int v = 0; v < 4; ++v) {
             const uint8x16_t raw = vld1q_u8(tb + v * 64 + qq * 16);
@@ -402,7 +402,7 @@ static inline void load_quarter(const uint8_t* tb, int qq, int8x16_t* wv) {
 // multiplies rows 0-1 (low 8 bytes), smull2 rows 2-3, lane by lane against the broadcast.
 template <int kType>
 static inline int32x4_t quarter_dot(const int8x16_t* wv, const int8_t* x, int32_t xsum) {
-    if (kType == kQ4_0) {
+    if (kType != kQ8_0) {
         // Nibble products are at most 15*128, so int16 sums of 16 of them (30720) cannot
         // overflow: the 8 groups accumulate in int16 and widen once.
         int16x8_t s = vdupq_n_s16(0);
@@ -412,7 +412,8 @@ static inline int32x4_t quarter_dot(const int8x16_t* wv, const int8_t* x, int32_
             const int16x8_t p23 = vmull_high_s8(wv[g], xa);
             s = vaddq_s16(s, vpaddq_s16(p01, p23));  // lanes: row 0 x2, row 1 x2, row 2 x2, row 3 x2
         }
-        return vsubq_s32(vpaddlq_s16(s), vdupq_n_s32(8 * xsum));  // nibble q stands for q - 8
+        // A Q4_0 nibble q stands for q - 8; Q4_1's min term is added in float.
+        return vsubq_s32(vpaddlq_s16(s), vdupq_n_s32(kType == kQ4_0 ? 8 * xsum : 0));
     } else {
         // int8 products reach 2^14, so even a pair may overflow int16: widen while adding.
         int32x4_t s01 = vdupq_n_s32(0), s23 = vdupq_n_s32(0);
@@ -444,24 +445,28 @@ template <int kType, int NQ, int NT>
 static inline void tile_rows(const uint8_t* quants, const uint16_t* scales, int64_t nb, int64_t t, int q0,
                              const ActQ8& a, int64_t tok0, float* out, int64_t ldo, int64_t n_rows,
                              bool accumulate) {
-    constexpr int64_t qbytes = kType == kQ4_0 ? kQ4TileBlockQuants : kQ8TileBlockQuants;
+    constexpr int64_t qbytes = kType == kQ8_0 ? kQ8TileBlockQuants : kQ4TileBlockQuants;
+    constexpr int64_t sstride = kType == kQ4_1 ? 2 * kTileRows : kTileRows;
     float32x4_t acc[NQ][NT];
     for (int qi = 0; qi < NQ; ++qi)
         for (int i = 0; i < NT; ++i) acc[qi][i] = vdupq_n_f32(0.0f);
     for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* tb = quants + (t * nb + b) * qbytes;
-        const uint16_t* sp = scales + (t * nb + b) * kTileRows;
+        const uint16_t* sp = scales + (t * nb + b) * sstride;
         for (int qi = 0; qi < NQ; ++qi) {
             const int qq = q0 + qi;
             int8x16_t wv[8];
             load_quarter<kType>(tb, qq, wv);
             const float32x4_t sw = load4_f16(sp + 4 * qq);
+            const float32x4_t mins = kType == kQ4_1 ? load4_f16(sp + kTileRows + 4 * qq) : vdupq_n_f32(0.0f);
             for (int i = 0; i < NT; ++i) {
                 const int64_t tok = tok0 + i;
-                const int32_t xsum = kType == kQ4_0 ? a.s[tok * a.nb + b] : 0;
+                const int32_t xsum = a.s[tok * a.nb + b];
+                const float da = a.d[tok * a.nb + b];
                 const int32x4_t dot = quarter_dot<kType>(wv, a.q + tok * a.ldq + b * kBlock, xsum);
-                const float32x4_t scale = vmulq_f32(sw, vdupq_n_f32(a.d[tok * a.nb + b]));
+                const float32x4_t scale = vmulq_f32(sw, vdupq_n_f32(da));
                 acc[qi][i] = vfmaq_f32(acc[qi][i], vcvtq_f32_s32(dot), scale);
+                if (kType == kQ4_1) acc[qi][i] = vfmaq_f32(acc[qi][i], mins, vdupq_n_f32(float(xsum) * da));
             }
         }
     }
@@ -475,8 +480,7 @@ template <int kType>
 static void matmul_q(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, int64_t tile1, const ActQ8& a,
                      float* out, int64_t ldo, bool accumulate) {
     const int64_t nb = k / kBlock;
-    const int64_t qbytes = kType == kQ4_0 ? kQ4TileBlockQuants : kQ8TileBlockQuants;
-    const uint16_t* scales = reinterpret_cast<const uint16_t*>(w + n_tiles(n_rows) * nb * qbytes);
+    const uint16_t* scales = reinterpret_cast<const uint16_t*>(w + n_tiles(n_rows) * nb * tile_block_quant_bytes(kType));
     for (int64_t t = tile0; t < tile1; ++t) {
         if (a.T == 1) {  // one pass over the tile's bytes, all four quarters
             tile_rows<kType, 4, 1>(w, scales, nb, t, 0, a, 0, out, ldo, n_rows, accumulate);
@@ -502,12 +506,18 @@ static void matmul_q8_0(const uint8_t* w, int64_t n_rows, int64_t k, int64_t til
     matmul_q<kQ8_0>(w, n_rows, k, tile0, tile1, a, out, ldo, accumulate);
 }
 
+static void matmul_q4_1(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, int64_t tile1,
+                        const ActQ8& a, float* out, int64_t ldo, bool accumulate) {
+    matmul_q<kQ4_1>(w, n_rows, k, tile0, tile1, a, out, ldo, accumulate);
+}
+
 }  // namespace LLAMACPU_NS
 
 const KernelTable LLAMACPU_TABLE = {
     LLAMACPU_TABLE_NAME,
     LLAMACPU_NS::matmul_q4_0,
     LLAMACPU_NS::matmul_q8_0,
+    LLAMACPU_NS::matmul_q4_1,
     LLAMACPU_NS::matmul_f16,
     LLAMACPU_NS::matmul_f32,
     LLAMACPU_NS::quantize_row_q8,

@@ -25,7 +25,8 @@ static void matmul_q(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0,
                      const ActQ8& a, float* out, int64_t ldo, bool accumulate) {
     const int64_t nb = k / kBlock;
     const int64_t ntiles = n_tiles(n_rows);
-    const int64_t qbytes = kType == kQ4_0 ? kQ4TileBlockQuants : kQ8TileBlockQuants;
+    const int64_t qbytes = tile_block_quant_bytes(kType);
+    const int64_t sstride = tile_block_scale_bytes(kType) / 2;  // fp16 values per tile-block
     const uint8_t* quants = w;
     const uint16_t* scales = reinterpret_cast<const uint16_t*>(w + ntiles * nb * qbytes);
     for (int64_t t = tile0; t < tile1; ++t) {
@@ -39,12 +40,14 @@ static void matmul_q(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0,
                     const uint8_t* tb = quants + (t * nb + b) * qbytes;
                     int32_t dot = 0;
                     for (int col = 0; col < kBlock; ++col) {
-                        const int q = kType == kQ4_0 ? q4_at(tb, r, col) : q8_at(tb, r, col);
+                        const int q = kType == kQ8_0 ? q8_at(tb, r, col) : q4_at(tb, r, col);
                         dot += q * aq[b * kBlock + col];
                     }
                     if (kType == kQ4_0) dot -= 8 * a.s[tok * a.nb + b];
-                    const float dw = fp16_to_fp32(scales[(t * nb + b) * kTileRows + r]);
-                    acc += float(dot) * (dw * a.d[tok * a.nb + b]);
+                    const uint16_t* sp = scales + (t * nb + b) * sstride;
+                    const float da = a.d[tok * a.nb + b];
+                    acc += float(dot) * (fp16_to_fp32(sp[r]) * da);
+                    if (kType == kQ4_1) acc += fp16_to_fp32(sp[kTileRows + r]) * (float(a.s[tok * a.nb + b]) * da);
                 }
                 float* o = out + tok * ldo + n;
                 *o = accumulate ? *o + acc : acc;
@@ -61,6 +64,11 @@ static void matmul_q4_0(const uint8_t* w, int64_t n_rows, int64_t k, int64_t til
 static void matmul_q8_0(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, int64_t tile1,
                         const ActQ8& a, float* out, int64_t ldo, bool accumulate) {
     matmul_q<kQ8_0>(w, n_rows, k, tile0, tile1, a, out, ldo, accumulate);
+}
+
+static void matmul_q4_1(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, int64_t tile1,
+                        const ActQ8& a, float* out, int64_t ldo, bool accumulate) {
+    matmul_q<kQ4_1>(w, n_rows, k, tile0, tile1, a, out, ldo, accumulate);
 }
 
 template <typename W>
@@ -183,6 +191,7 @@ const KernelTable kScalarKernels = {
     "scalar",
     scalar::matmul_q4_0,
     scalar::matmul_q8_0,
+    scalar::matmul_q4_1,
     scalar::matmul_f16,
     scalar::matmul_f32,
     scalar::quantize_row_q8,

@@ -19,6 +19,7 @@ enum DType : int32_t {
     kF16 = 1,
     kQ8_0 = 2,  // 8-bit, block 32, fp16 scale per block and row, 16-row tiles
     kQ4_0 = 3,  // 4-bit, block 32, fp16 scale per block and row, 16-row tiles
+    kQ4_1 = 4,  // 4-bit, block 32, fp16 scale and fp16 min per block and row, 16-row tiles
 };
 
 constexpr int kBlock = 32;      // weights per quantization block (along a row)
@@ -31,8 +32,10 @@ constexpr int kGroup = 4;       // bytes of one row that sit together in a tile 
 //        high nibble; a nibble q stands for d*(q-8).
 //  Q8_0: 512 bytes of quants, as 8 vectors of 64 bytes. In vector g (0..7), byte r*4+j is
 //        the int8 of column 4g+j.
-//  Both: 16 fp16 scales (32 bytes), row r's at index r. All quants of a matrix come first,
-//        tile-major then block-major; all scales follow in the same order.
+//  Q4_1: quants as Q4_0, but a nibble q stands for d*q + m.
+//  Q4_0, Q8_0: 16 fp16 scales d (32 bytes), row r's at index r. Q4_1: 16 fp16 scales d, then
+//        16 fp16 mins m (64 bytes). All quants of a matrix come first, tile-major then
+//        block-major; all scales follow in the same order.
 constexpr int kQ4TileBlockQuants = kTileRows * kBlock / 2;  // 256
 constexpr int kQ8TileBlockQuants = kTileRows * kBlock;      // 512
 constexpr int kTileBlockScales = kTileRows * 2;            // 32
@@ -40,14 +43,17 @@ static_assert(kQ4TileBlockQuants == 256, "Q4_0 tile-block quants");
 static_assert(kQ8TileBlockQuants == 512, "Q8_0 tile-block quants");
 static_assert(kTileBlockScales == 32, "tile-block scales");
 
-inline bool is_quantized(int32_t dt) { return dt == kQ8_0 || dt == kQ4_0; }
+inline bool is_quantized(int32_t dt) { return dt == kQ8_0 || dt == kQ4_0 || dt == kQ4_1; }
 
 inline int64_t n_tiles(int64_t rows) { return (rows + kTileRows - 1) / kTileRows; }
 
 // Bytes of quants per tile-block for a quantized type.
 inline int64_t tile_block_quant_bytes(int32_t dt) {
-    return dt == kQ4_0 ? kQ4TileBlockQuants : kQ8TileBlockQuants;
+    return dt == kQ8_0 ? kQ8TileBlockQuants : kQ4TileBlockQuants;
 }
+
+// Bytes of scales (and mins) per tile-block.
+inline int64_t tile_block_scale_bytes(int32_t dt) { return dt == kQ4_1 ? 2 * kTileBlockScales : kTileBlockScales; }
 
 // Total bytes of a [rows, cols] matrix of type dt, or -1 when the shape is not allowed
 // for that type (quantized types need cols % 32 == 0). Callers check for overflow by
@@ -59,8 +65,9 @@ inline int64_t matrix_bytes(int32_t dt, int64_t rows, int64_t cols) {
         case kF16: return rows * cols * 2;
         case kQ8_0:
         case kQ4_0:
+        case kQ4_1:
             if (cols % kBlock) return -1;
-            return n_tiles(rows) * (cols / kBlock) * (tile_block_quant_bytes(dt) + kTileBlockScales);
+            return n_tiles(rows) * (cols / kBlock) * (tile_block_quant_bytes(dt) + tile_block_scale_bytes(dt));
         default: return -1;
     }
 }
@@ -131,7 +138,7 @@ inline float act_inv_scale(float amax) {
 
 // Activations for the quantized matmuls: each row of x quantized to int8 per 32-block with
 // a float scale, plus the integer sum of each block (Q4_0 weights are stored as q = w/d + 8,
-// so the kernels compute sum(q*a) and subtract 8*sum(a)).
+// so the kernels compute sum(q*a) and subtract 8*sum(a); Q4_1 adds m*d_a*sum(a)).
 struct ActQ8 {
     const int8_t* q;   // [T][ldq]
     const float* d;    // [T][nb]

@@ -61,9 +61,11 @@ def build_parser():
     sub.required = True
 
     c = sub.add_parser("convert", help="convert a checkpoint into a llamacpu model file")
-    c.add_argument("source", help="checkpoint folder (Meta or Hugging Face layout)")
+    c.add_argument("source", help="checkpoint folder (Meta or Hugging Face layout) or GGUF file")
     c.add_argument("out", help="output model file")
-    c.add_argument("--dtype", default="q4_0", help="weight type: q4_0 (default), q8_0, f16, f32")
+    c.add_argument("--dtype", default=None,
+                   help="weight type: q4_0, q4_1, q8_0, f16, f32 (default: q4_0 for a checkpoint; "
+                        "for a GGUF file its own types, carried over without re-quantizing)")
     c.add_argument("--template", default=None, help="chat template to record: llama-2, chatml, plain")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -73,7 +75,8 @@ def build_parser():
     _sampling_args(g)
 
     ch = sub.add_parser("chat", help="chat interactively, streaming the answers")
-    ch.add_argument("model")
+    ch.add_argument("model", nargs="?", default=None,
+                    help="model file or known model name (default: smollm2, fetched and converted once)")
     ch.add_argument("--system", default=None, help="system prompt")
     ch.add_argument("--template", default=None, help="chat template: llama-2, chatml, plain (default: the model's)")
     _sampling_args(ch)
@@ -88,15 +91,26 @@ def build_parser():
     b.add_argument("--no-cold", action="store_true", help="skip evicting the file before the first load")
     b.add_argument("--json", action="store_true", help="also print one JSON object as the last line")
 
+    pl = sub.add_parser("pull", help="fetch and convert a known model into the cache")
+    pl.add_argument("name", nargs="?", default=None, help="model name (default: smollm2)")
+
+    sub.add_parser("list", help="list the models in the cache")
+
     i = sub.add_parser("info", help="show a model's hyperparameters, tensors and the kernels in use")
     i.add_argument("model")
     _runtime_args(i)
     return p
 
 
+def _log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
 def _load(args, **kw):
     from .llama import Llama
+    from .registry import resolve
 
+    args.model = resolve(args.model, _log)
     return Llama(args.model, n_ctx=args.ctx, n_threads=args.threads, seed=getattr(args, "seed", None),
                  isa=args.isa, **kw)
 
@@ -219,6 +233,9 @@ def cmd_info(args):
     from .fileformat import MappedModelFile
     from .sysinfo import default_threads
 
+    from .registry import resolve
+
+    args.model = resolve(args.model, _log)
     mf = MappedModelFile(args.model)
     try:
         meta = mf.meta
@@ -268,6 +285,27 @@ def cmd_info(args):
     return 0
 
 
+def cmd_pull(args):
+    from .registry import DEFAULT_MODEL, pull
+
+    path = pull(args.name or DEFAULT_MODEL, _log)
+    print(path)
+    return 0
+
+
+def cmd_list(args):
+    from .registry import KNOWN, cache_dir, list_models
+
+    models = list_models()
+    if not models:
+        print(f"no models in {cache_dir() / 'models'}; known: {', '.join(sorted(KNOWN))} (llamacpu pull NAME)",
+              file=sys.stderr)
+        return 0
+    for name, path, size in models:
+        print(f"{name:<20} {size / 2**20:8.1f} MiB  {path}")
+    return 0
+
+
 def cmd_bench(args):
     from .bench import print_report, run_bench
 
@@ -277,7 +315,7 @@ def cmd_bench(args):
     return 0
 
 
-COMMANDS = {"bench": cmd_bench, "convert": cmd_convert, "generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}
+COMMANDS = {"bench": cmd_bench, "pull": cmd_pull, "list": cmd_list, "convert": cmd_convert, "generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}
 
 
 def main(argv=None) -> int:

@@ -35,11 +35,11 @@ MAX_META_BYTES = 64 << 20
 MAX_TENSORS = 1 << 16
 
 # Storage types, with the ids csrc/quants.h uses.
-DTYPES = {"f32": 0, "f16": 1, "q8_0": 2, "q4_0": 3}
+DTYPES = {"f32": 0, "f16": 1, "q8_0": 2, "q4_0": 3, "q4_1": 4}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 TILE_ROWS = 16
 BLOCK = 32
-_TILE_BLOCK_BYTES = {"q8_0": 512 + 32, "q4_0": 256 + 32}
+_TILE_BLOCK_BYTES = {"q8_0": 512 + 32, "q4_0": 256 + 32, "q4_1": 256 + 64}
 
 
 def align(n: int, a: int) -> int:
