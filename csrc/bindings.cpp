@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
+#include <functional>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -117,6 +118,32 @@ struct OpTimer {
     std::chrono::steady_clock::time_point t0_;
 };
 
+// A recorded sequence of backend ops with their buffers bound, replayed by one call with the
+// GIL released. The decoder (src/llamacpu/model.py) records one plan per batch size; values
+// that change between runs (token ids, positions) are read from their arrays at run time, and
+// checked again there.
+class Plan {
+public:
+    std::vector<std::function<void()>> ops;
+    std::vector<py::object> keep;  // arrays, matrices and caches the ops use stay alive
+
+    void run(double& seconds) {
+        py::gil_scoped_release nogil;
+        OpTimer timer(seconds);
+        auto last_check = std::chrono::steady_clock::now();
+        for (auto& op : ops) {
+            op();
+            // A long prompt must still stop on Ctrl-C: look for signals every 50 ms.
+            const auto now = std::chrono::steady_clock::now();
+            if (now - last_check > std::chrono::milliseconds(50)) {
+                last_check = now;
+                py::gil_scoped_acquire gil;
+                if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+            }
+        }
+    }
+};
+
 class PyBackend {
 public:
     PyBackend(int n_threads, const std::string& isa) : b_(make_cpu_backend(n_threads, table_or_throw(isa))) {}
@@ -124,23 +151,29 @@ public:
     std::string name() const { return b_->name(); }
     int n_threads() const { return b_->n_threads(); }
 
-    void matmul(const PyMatrix& w, py::array x, py::array out, bool accumulate) {
+    void record(Plan& plan) {
+        need(!rec_, "already recording");
+        rec_ = &plan;
+    }
+    void stop() { rec_ = nullptr; }
+    void run(Plan& plan) { plan.run(seconds_); }
+
+    void matmul(std::shared_ptr<PyMatrix> w, py::array x, py::array out, bool accumulate) {
         Rows xr = rows_of(x, "x", false), o = rows_of(out, "out", true);
-        need(xr.cols == w.m.cols, "matmul: x columns != weight columns");
-        need(o.cols == w.m.rows, "matmul: out columns != weight rows");
+        need(xr.cols == w->m.cols, "matmul: x columns != weight columns");
+        need(o.cols == w->m.rows, "matmul: out columns != weight rows");
         need(xr.rows == o.rows, "matmul: x rows != out rows");
-        py::gil_scoped_release nogil;
-        OpTimer timer(seconds_);
-        b_->matmul(w.m, xr.p, xr.rows, xr.ld, o.p, o.ld, accumulate);
+        Backend* b = b_.get();
+        const Matrix* m = &w->m;
+        submit([=] { b->matmul(*m, xr.p, xr.rows, xr.ld, o.p, o.ld, accumulate); }, {py::cast(w), x, out});
     }
 
     void rmsnorm(py::array x, py::array w, float eps, py::array out) {
         Rows xr = rows_of(x, "x", false), o = rows_of(out, "out", true);
         need(xr.rows == o.rows && xr.cols == o.cols, "rmsnorm: x and out differ in shape");
         const float* wp = vec_of<float>(w, "w", xr.cols);
-        py::gil_scoped_release nogil;
-        OpTimer timer(seconds_);
-        b_->rmsnorm(xr.p, xr.rows, xr.ld, wp, xr.cols, eps, o.p, o.ld);
+        Backend* b = b_.get();
+        submit([=] { b->rmsnorm(xr.p, xr.rows, xr.ld, wp, xr.cols, eps, o.p, o.ld); }, {x, w, out});
     }
 
     void rope(py::array x, int64_t n_heads, int64_t hd, py::array pos, py::array table) {
@@ -151,58 +184,74 @@ public:
         check_dtype<float>(table, "table");
         need(table.ndim() == 3 && table.shape(1) == 2 && table.shape(2) == hd && table.flags() & py::array::c_style,
              "rope: table must be C-contiguous [n, 2, head_dim]");
-        check_positions(pp, xr.rows, table.shape(0));
+        const int64_t n_table = table.shape(0);
+        check_positions(pp, xr.rows, n_table);
         const float* tp = static_cast<const float*>(table.data());
-        py::gil_scoped_release nogil;
-        OpTimer timer(seconds_);
-        b_->rope(xr.p, xr.rows, xr.ld, n_heads, hd, pp, tp);
+        Backend* b = b_.get();
+        submit([=] {
+            check_positions(pp, xr.rows, n_table);
+            b->rope(xr.p, xr.rows, xr.ld, n_heads, hd, pp, tp);
+        }, {x, pos, table});
     }
 
-    void kv_store(KVCache& c, int64_t layer, py::array k, py::array v, py::array pos) {
+    void kv_store(py::object cache, int64_t layer, py::array k, py::array v, py::array pos) {
+        KVCache* c = cache.cast<KVCache*>();
         Rows kr = rows_of(k, "k", false), vr = rows_of(v, "v", false);
-        need(layer >= 0 && layer < c.n_layers, "kv_store: layer out of range");
-        need(kr.rows == vr.rows && kr.cols == c.n_kv_heads * c.head_dim && vr.cols == kr.cols, "kv_store: bad shape");
+        need(layer >= 0 && layer < c->n_layers, "kv_store: layer out of range");
+        need(kr.rows == vr.rows && kr.cols == c->n_kv_heads * c->head_dim && vr.cols == kr.cols, "kv_store: bad shape");
         const int32_t* pp = vec_of<int32_t>(pos, "pos", kr.rows);
-        check_positions(pp, kr.rows, c.n_ctx);
-        py::gil_scoped_release nogil;
-        OpTimer timer(seconds_);
-        b_->kv_store(c, layer, kr.p, kr.ld, vr.p, vr.ld, kr.rows, pp);
+        check_positions(pp, kr.rows, c->n_ctx);
+        Backend* b = b_.get();
+        submit([=] {
+            check_positions(pp, kr.rows, c->n_ctx);
+            b->kv_store(*c, layer, kr.p, kr.ld, vr.p, vr.ld, kr.rows, pp);
+        }, {cache, k, v, pos});
     }
 
-    void attention(KVCache& c, int64_t layer, py::array q, py::array pos, int64_t n_heads, float scale, py::array out) {
+    void attention(py::object cache, int64_t layer, py::array q, py::array pos, int64_t n_heads, float scale,
+                   py::array out) {
+        KVCache* c = cache.cast<KVCache*>();
         Rows qr = rows_of(q, "q", false), o = rows_of(out, "out", true);
-        need(layer >= 0 && layer < c.n_layers, "attention: layer out of range");
-        need(n_heads > 0 && n_heads % c.n_kv_heads == 0, "attention: heads not a multiple of kv heads");
-        need(n_heads <= qr.cols / c.head_dim && qr.cols == n_heads * c.head_dim && o.cols == qr.cols &&
+        need(layer >= 0 && layer < c->n_layers, "attention: layer out of range");
+        need(n_heads > 0 && n_heads % c->n_kv_heads == 0, "attention: heads not a multiple of kv heads");
+        need(n_heads <= qr.cols / c->head_dim && qr.cols == n_heads * c->head_dim && o.cols == qr.cols &&
                  o.rows == qr.rows,
              "attention: bad shape");
         const int32_t* pp = vec_of<int32_t>(pos, "pos", qr.rows);
-        check_positions(pp, qr.rows, c.n_ctx);
-        py::gil_scoped_release nogil;
-        OpTimer timer(seconds_);
-        b_->attention(c, layer, qr.p, qr.ld, qr.rows, pp, n_heads, scale, o.p, o.ld);
+        check_positions(pp, qr.rows, c->n_ctx);
+        Backend* b = b_.get();
+        submit([=] {
+            check_positions(pp, qr.rows, c->n_ctx);
+            b->attention(*c, layer, qr.p, qr.ld, qr.rows, pp, n_heads, scale, o.p, o.ld);
+        }, {cache, q, pos, out});
     }
 
     void silu_mul(py::array gu, py::array out) {
         Rows g = rows_of(gu, "gu", false), o = rows_of(out, "out", true);
         need(g.rows == o.rows && g.cols == 2 * o.cols, "silu_mul: gu must be [n, 2*m] for out [n, m]");
-        py::gil_scoped_release nogil;
-        OpTimer timer(seconds_);
-        b_->silu_mul(g.p, g.rows, g.ld, o.cols, o.p, o.ld);
+        Backend* b = b_.get();
+        submit([=] { b->silu_mul(g.p, g.rows, g.ld, o.cols, o.p, o.ld); }, {gu, out});
     }
 
-    void embed(const PyMatrix& w, py::array tokens, py::array out) {
+    void embed(std::shared_ptr<PyMatrix> w, py::array tokens, py::array out) {
         Rows o = rows_of(out, "out", true);
-        need(o.cols == w.m.cols, "embed: out columns != table columns");
+        need(o.cols == w->m.cols, "embed: out columns != table columns");
         const int32_t* tp = vec_of<int32_t>(tokens, "tokens", o.rows);
-        for (int64_t i = 0; i < o.rows; ++i)
-            if (tp[i] < 0 || tp[i] >= w.m.rows) throw std::invalid_argument("embed: token id out of range");
-        py::gil_scoped_release nogil;
-        OpTimer timer(seconds_);
-        b_->embed(w.m, tp, o.rows, o.p, o.ld);
+        const Matrix* m = &w->m;
+        auto check = [=] {
+            for (int64_t i = 0; i < o.rows; ++i)
+                if (tp[i] < 0 || tp[i] >= m->rows) throw std::invalid_argument("embed: token id out of range");
+        };
+        check();
+        Backend* b = b_.get();
+        submit([=] {
+            check();
+            b->embed(*m, tp, o.rows, o.p, o.ld);
+        }, {py::cast(w), tokens, out});
     }
 
     void kv_shift(KVCache& c, int64_t keep, int64_t discard, int64_t used, py::array rot) {
+        need(!rec_, "kv_shift cannot be recorded");
         need(keep >= 0 && discard > 0 && used <= c.n_ctx && keep <= used && discard <= used - keep,
              "kv_shift: bad range");
         const float* rp = vec_of<float>(rot, "rot", 2 * c.head_dim);
@@ -214,7 +263,20 @@ public:
     double seconds() const { return seconds_; }
 
 private:
+    // Runs op now (GIL released), or appends it to the plan being recorded.
+    void submit(std::function<void()> op, std::initializer_list<py::object> uses) {
+        if (rec_) {
+            for (const py::object& o : uses) rec_->keep.push_back(o);
+            rec_->ops.push_back(std::move(op));
+            return;
+        }
+        py::gil_scoped_release nogil;
+        OpTimer timer(seconds_);
+        op();
+    }
+
     std::unique_ptr<Backend> b_;
+    Plan* rec_ = nullptr;
     double seconds_ = 0.0;
 };
 
@@ -379,6 +441,10 @@ PYBIND11_MODULE(_core, m) {
         .def("keys", [](KVCache& c, int64_t layer, int64_t head, int64_t n) { return cache_rows(c, layer, head, n, false); })
         .def("values", [](KVCache& c, int64_t layer, int64_t head, int64_t n) { return cache_rows(c, layer, head, n, true); });
 
+    py::class_<Plan>(m, "Plan")
+        .def(py::init<>())
+        .def("__len__", [](const Plan& p) { return p.ops.size(); });
+
     py::class_<PyBackend>(m, "Backend")
         .def(py::init<int, const std::string&>(), py::arg("n_threads") = 1, py::arg("isa") = "auto")
         .def_property_readonly("name", &PyBackend::name)
@@ -391,7 +457,11 @@ PYBIND11_MODULE(_core, m) {
         .def("attention", &PyBackend::attention)
         .def("silu_mul", &PyBackend::silu_mul)
         .def("embed", &PyBackend::embed)
-        .def("kv_shift", &PyBackend::kv_shift);
+        .def("kv_shift", &PyBackend::kv_shift)
+        .def("record", &PyBackend::record, py::keep_alive<1, 2>(),
+             "Ops called from now on are appended to plan instead of run")
+        .def("stop", &PyBackend::stop, "Stops recording")
+        .def("run", &PyBackend::run, "Runs a recorded plan (GIL released)");
 
     py::class_<PyKernels>(m, "Kernels")
         .def(py::init<const std::string&>())

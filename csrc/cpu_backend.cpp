@@ -46,9 +46,23 @@ namespace {
 // weight tile of the task passes over them.
 constexpr int64_t kTokChunk = 64;
 
+// Below this much work (roughly: multiply-adds or elements touched) an op runs on the calling
+// thread: waking the pool would cost more than it saves.
+constexpr int64_t kMinParallelWork = 1 << 15;
+
 class CpuBackend final : public Backend {
 public:
     CpuBackend(int n_threads, const KernelTable* k) : pool_(n_threads), k_(k) {}
+
+    // Runs fn(task, thread) for every task, on the pool when there is enough work for it.
+    template <typename F>
+    void par(int64_t n_tasks, int64_t work, F&& fn) {
+        if (work < kMinParallelWork || n_tasks <= 1 || pool_.size() == 1) {
+            for (int64_t t = 0; t < n_tasks; ++t) fn(t, 0);
+        } else {
+            pool_.run(n_tasks, fn);
+        }
+    }
 
     const char* name() const override { return k_->name; }
     int n_threads() const override { return pool_.size(); }
@@ -64,12 +78,12 @@ public:
 
     void rmsnorm(const float* x, int64_t n_tok, int64_t ldx, const float* w, int64_t n, float eps, float* out,
                  int64_t ldo) override {
-        pool_.run(n_tok, [&](int64_t t, int) { k_->rmsnorm(x + t * ldx, w, n, eps, out + t * ldo); });
+        par(n_tok, n_tok * n, [&](int64_t t, int) { k_->rmsnorm(x + t * ldx, w, n, eps, out + t * ldo); });
     }
 
     void rope(float* x, int64_t n_tok, int64_t ldx, int64_t n_heads, int64_t hd, const int32_t* pos,
               const float* table) override {
-        pool_.run(n_tok, [&](int64_t t, int) {
+        par(n_tok, n_tok * n_heads * hd, [&](int64_t t, int) {
             const float* row = table + int64_t(pos[t]) * 2 * hd;
             k_->rope(x + t * ldx, n_heads, hd, row, row + hd);
         });
@@ -92,7 +106,9 @@ public:
         const int64_t n_rep = n_heads / c.n_kv_heads;
         scratch_scores_.resize(size_t(pool_.size()) * size_t(c.n_ctx));
         float* scores = scratch_scores_.data();
-        pool_.run(n_tok * c.n_kv_heads, [&](int64_t task, int thread) {
+        int64_t work = 0;
+        for (int64_t t = 0; t < n_tok; ++t) work += (int64_t(pos[t]) + 1) * hd * n_heads;
+        par(n_tok * c.n_kv_heads, work, [&](int64_t task, int thread) {
             const int64_t t = task / c.n_kv_heads, h = task % c.n_kv_heads;
             const int64_t off = h * n_rep * hd;
             k_->attention(q + t * ldq + off, c.k(layer, h, 0), c.v(layer, h, 0), c.f16, int64_t(pos[t]) + 1, hd,
@@ -104,7 +120,7 @@ public:
         // Split long rows too, so a single token still uses every thread.
         const int64_t chunk = 1024;
         const int64_t per_row = (n + chunk - 1) / chunk;
-        pool_.run(n_tok * per_row, [&](int64_t task, int) {
+        par(n_tok * per_row, n_tok * n * 8, [&](int64_t task, int) {
             const int64_t t = task / per_row, i0 = (task % per_row) * chunk;
             const int64_t len = std::min(chunk, n - i0);
             k_->silu_mul(gu + t * ldgu + i0, gu + t * ldgu + n + i0, out + t * ldo + i0, len);
@@ -162,7 +178,7 @@ private:
         if (n_tok == 1) {
             k_->quantize_row_q8(x, k, aq, ad, as);
         } else {
-            pool_.run(n_tok, [&](int64_t t, int) { k_->quantize_row_q8(x + t * ldx, k, aq + t * k, ad + t * nb, as + t * nb); });
+            par(n_tok, n_tok * k, [&](int64_t t, int) { k_->quantize_row_q8(x + t * ldx, k, aq + t * k, ad + t * nb, as + t * nb); });
         }
         const int64_t tiles = n_tiles(w.rows);
         const int64_t tok_chunks = (n_tok + kTokChunk - 1) / kTokChunk;
@@ -172,7 +188,7 @@ private:
         const int64_t tiles_per_task = std::max<int64_t>(1, tiles * tok_chunks / want);
         const int64_t tile_tasks = (tiles + tiles_per_task - 1) / tiles_per_task;
         auto fn = w.dtype == kQ4_0 ? k_->matmul_q4_0 : w.dtype == kQ4_1 ? k_->matmul_q4_1 : k_->matmul_q8_0;
-        pool_.run(tile_tasks * tok_chunks, [&](int64_t task, int) {
+        par(tile_tasks * tok_chunks, w.rows * k * n_tok, [&](int64_t task, int) {
             const int64_t tc = task / tile_tasks, tt = task % tile_tasks;
             const int64_t tok0 = tc * kTokChunk, ntok = std::min(kTokChunk, n_tok - tok0);
             const int64_t t0 = tt * tiles_per_task, t1 = std::min(tiles, t0 + tiles_per_task);
@@ -188,7 +204,7 @@ private:
         const int64_t want = int64_t(pool_.size()) * 8;
         const int64_t rows_per_task = std::max<int64_t>(4, rows * tok_chunks / want);
         const int64_t row_tasks = (rows + rows_per_task - 1) / rows_per_task;
-        pool_.run(row_tasks * tok_chunks, [&](int64_t task, int) {
+        par(row_tasks * tok_chunks, rows * w.cols * n_tok, [&](int64_t task, int) {
             const int64_t tc = task / row_tasks, rt = task % row_tasks;
             const int64_t tok0 = tc * kTokChunk, ntok = std::min(kTokChunk, n_tok - tok0);
             const int64_t r0 = rt * rows_per_task, r1 = std::min(rows, r0 + rows_per_task);

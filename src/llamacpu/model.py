@@ -1,9 +1,11 @@
 """The LLaMA decoder: weights from the mapped file, a preallocated KV cache, and forward().
 
-forward() reads top to bottom like the paper's figure. Each line is one backend op (a C++
-kernel that releases the GIL and uses the thread pool); this module only decides which
-buffers they read and write. Buffers are allocated once, at load, for the largest batch;
-a generated token reuses views made at load and allocates nothing.
+_decoder() reads top to bottom like the paper's figure. Each line is one backend op (a C++
+kernel that uses the thread pool); this module only decides which buffers they read and
+write. The ops of a batch size are recorded once into a plan and then replayed by a single
+call that releases the GIL, so a generated token costs one trip into C++, not ~10 per layer.
+Buffers are allocated once, at load, for the largest batch; a generated token allocates
+nothing.
 """
 
 from __future__ import annotations
@@ -105,30 +107,46 @@ class Transformer:
         self.tokens = np.zeros(B, np.int32)
         self.pos = np.zeros(B, np.int32)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
-        self._views = {}
-
-    def views(self, n: int):
-        """Buffer views for a batch of n tokens (cached: decoding reuses the n = 1 set)."""
-        v = self._views.get(n)
-        if v is None:
-            qd, kvd = self.cfg.q_dim, self.cfg.kv_dim
-            qkv = self.qkv[:n]
-            v = (self.tokens[:n], self.pos[:n], self.x[:n], self.xb[:n], qkv, qkv[:, :qd + kvd],
-                 qkv[:, qd:qd + kvd], qkv[:, qd + kvd:], qkv[:, :qd], self.att[:n], self.gu[:n], self.hb[:n])
-            if len(self._views) > 64:
-                self._views.clear()
-            self._views[n] = v
-        return v
+        self._plans = {}
 
     def forward(self, tokens, pos0: int, all_logits: bool = False) -> np.ndarray:
         """Runs up to n_batch tokens at positions pos0.. and returns logits: of the last token
         ([n_vocab]) or of every token ([n, n_vocab]). The KV cache keeps their keys/values."""
         n = len(tokens)
         assert 0 < n <= self.n_batch and 0 <= pos0 and pos0 + n <= self.n_ctx
+        self.tokens[:n] = tokens
+        if n == 1:
+            self.pos[0] = pos0
+        else:
+            self.pos[:n] = np.arange(pos0, pos0 + n, dtype=np.int32)
+        key = (n, all_logits)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._record(n, all_logits)
+            if len(self._plans) >= 8:  # prompts of many lengths: keep the decode plan, drop the rest
+                self._plans = {k: p for k, p in self._plans.items() if k[0] == 1}
+            self._plans[key] = plan
+        self.backend.run(plan)
+        return self.logits[:n] if all_logits else self.logits[0]
+
+    def _record(self, n: int, all_logits: bool):
+        plan = _core.Plan()
+        self.backend.record(plan)
+        try:
+            self._decoder(n, all_logits)
+        finally:
+            self.backend.stop()
+        return plan
+
+    def _decoder(self, n: int, all_logits: bool) -> None:
+        """The ops of a forward pass over n tokens (recorded, not run, when this is called)."""
         cfg, b, cache = self.cfg, self.backend, self.cache
-        tok, pos, x, xb, qkv, qk, k, v, q, att, gu, hb = self.views(n)
-        tok[:] = tokens
-        pos[:] = np.arange(pos0, pos0 + n, dtype=np.int32) if n > 1 else pos0
+        qd, kvd = cfg.q_dim, cfg.kv_dim
+        tok, pos, x, xb, att, gu, hb = (self.tokens[:n], self.pos[:n], self.x[:n], self.xb[:n], self.att[:n],
+                                        self.gu[:n], self.hb[:n])
+        qkv = self.qkv[:n]
+        q, k, v = qkv[:, :qd], qkv[:, qd:qd + kvd], qkv[:, qd + kvd:]
+        qk = qkv[:, :qd + kvd]  # q and k heads side by side: one rope call for both
 
         b.embed(self.tok_embeddings, tok, x)
         for i, L in enumerate(self.layers):
@@ -147,9 +165,8 @@ class Transformer:
 
         rows = slice(0, n) if all_logits else slice(n - 1, n)
         m = n if all_logits else 1
-        b.rmsnorm(x[rows], self.norm, cfg.norm_eps, xb[:m])
-        b.matmul(self.output, xb[:m], self.logits[:m])
-        return self.logits[:m] if all_logits else self.logits[0]
+        b.rmsnorm(x[rows], self.norm, cfg.norm_eps, self.xb[:m])
+        b.matmul(self.output, self.xb[:m], self.logits[:m])
 
     def shift(self, keep: int, discard: int, used: int) -> None:
         """Context shift: forget cache positions [keep, keep+discard), move the rest down."""
@@ -157,6 +174,7 @@ class Transformer:
         self.backend.kv_shift(self.cache, keep, discard, used, np.ascontiguousarray(rot))
 
     def close(self):
+        self._plans = {}
         self.tok_embeddings = self.output = None
         self.layers = []
         self.norm = None
