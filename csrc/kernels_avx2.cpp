@@ -60,9 +60,47 @@ static inline __m256i q8_block_dot(const uint8_t* q, const int8_t* x) {
     return acc;
 }
 
+// Integer dots of one half-tile block (8 rows) with NT tokens' activation blocks, group by
+// group: each weight vector is unpacked once and used for every token, and the per-token
+// partial sums stay in registers (NT int16/int32 accumulators plus a few temporaries).
+template <int kType, int NT>
+static inline void half_block_dots(const uint8_t* q, const int8_t* const* x, const int32_t* corr, __m256i* dot) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    if (kType == kQ8_0) {
+        for (int i = 0; i < NT; ++i) dot[i] = _mm256_setzero_si256();
+        for (int g = 0; g < 8; ++g) {
+            const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + g * 64));
+            const __m256i aw = _mm256_abs_epi8(w);
+            for (int i = 0; i < NT; ++i) {
+                const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast4(x[i] + 4 * g), w));
+                dot[i] = _mm256_add_epi32(dot[i], _mm256_madd_epi16(p, ones));
+                __asm__("" : "+x"(dot[i]));  // a running sum, as below
+            }
+        }
+        return;
+    }
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    __m256i s[NT];
+    for (int i = 0; i < NT; ++i) s[i] = _mm256_setzero_si256();
+    for (int v = 0; v < 4; ++v) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + v * 64));
+        const __m256i lo = _mm256_and_si256(raw, m4);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+        for (int i = 0; i < NT; ++i) {
+            s[i] = _mm256_add_epi16(s[i], _mm256_maddubs_epi16(lo, bcast4(x[i] + 4 * v)));
+            s[i] = _mm256_add_epi16(s[i], _mm256_maddubs_epi16(hi, bcast4(x[i] + 16 + 4 * v)));
+            // Keeps each sum a running register: left alone, the compiler reorders the adds into
+            // a tree over all 32 products and spills them.
+            __asm__("" : "+x"(s[i]));
+        }
+    }
+    for (int i = 0; i < NT; ++i)
+        dot[i] = _mm256_sub_epi32(_mm256_madd_epi16(s[i], ones), _mm256_set1_epi32(corr[i]));
+}
+
 // One half (8 rows) of a tile for NT tokens starting at tok0. Per (row, token) the float work
-// is one fma per block in block order, identical to the NT = 1 case, so batch size never
-// changes a result.
+// is one fma per block in block order (two for Q4_1), identical to the NT = 1 case, so batch
+// size never changes a result.
 template <int kType, int NT>
 static inline void tile_half(const uint8_t* quants, const uint16_t* scales, int64_t nb, int64_t t, int h,
                              const ActQ8& a, int64_t tok0, float* out, int64_t ldo, int64_t row_valid,
@@ -74,20 +112,25 @@ static inline void tile_half(const uint8_t* quants, const uint16_t* scales, int6
     for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* q = quants + (t * nb + b) * qbytes + h * 32;
         const uint16_t* sp = scales + (t * nb + b) * sstride + h * 8;
-        const __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sp)));
-        __m256 mins = _mm256_setzero_ps();
-        if (kType == kQ4_1) mins = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sp + kTileRows)));
-        __m256i wv[8];
-        if (kType != kQ8_0) q4_unpack(q, wv);
+        const int8_t* x[NT];
+        int32_t corr[NT];
         for (int i = 0; i < NT; ++i) {
-            const int64_t tok = tok0 + i;
-            const int8_t* x = a.q + tok * a.ldq + b * kBlock;
-            const int32_t xsum = a.s[tok * a.nb + b];
-            const float da = a.d[tok * a.nb + b];
-            const __m256i dot = kType == kQ8_0 ? q8_block_dot(q, x) : q4_block_dot(wv, x, q4_corr<kType>(xsum));
-            const __m256 scale = _mm256_mul_ps(sc, _mm256_set1_ps(da));
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[i]);
-            if (kType == kQ4_1) acc[i] = _mm256_fmadd_ps(mins, _mm256_set1_ps(float(xsum) * da), acc[i]);
+            x[i] = a.q + (tok0 + i) * a.ldq + b * kBlock;
+            corr[i] = q4_corr<kType>(a.s[(tok0 + i) * a.nb + b]);
+        }
+        __m256i dot[NT];
+        half_block_dots<kType, NT>(q, x, corr, dot);
+        const __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sp)));
+        for (int i = 0; i < NT; ++i) {
+            const float da = a.d[(tok0 + i) * a.nb + b];
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[i]), _mm256_mul_ps(sc, _mm256_set1_ps(da)), acc[i]);
+        }
+        if (kType == kQ4_1) {
+            const __m256 mins = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sp + kTileRows)));
+            for (int i = 0; i < NT; ++i) {
+                const int64_t tb = (tok0 + i) * a.nb + b;
+                acc[i] = _mm256_fmadd_ps(mins, _mm256_set1_ps(float(a.s[tb]) * a.d[tb]), acc[i]);
+            }
         }
     }
     for (int i = 0; i < NT; ++i)
