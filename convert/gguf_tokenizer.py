@@ -324,7 +324,10 @@ def _check_tokenizers(data: bytes, n: int) -> None:
         return
     try:
         tok = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
-    except Exception as e:
+    except BaseException as e:
+        # A Rust panic arrives as pyo3's PanicException, a BaseException.
+        if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+            raise
         raise ValueError(f"tokenizers refused it ({str(e).strip() or type(e).__name__})") from None
     if tok.get_vocab_size(with_added_tokens=True) > n:
         raise ValueError(f"tokenizers made {tok.get_vocab_size(with_added_tokens=True)} tokens of {n}")

@@ -176,7 +176,8 @@ class FileTensor(LazyTensor):
         self._storage_offset = int(storage_offset)
         if storage_numel is None:
             storage_numel = self._storage_offset + self.numel
-        self._check_bounds(int(storage_numel))
+        self._storage_numel = int(storage_numel)
+        self._check_bounds(self._storage_numel)
 
     def _check_bounds(self, storage_numel: int) -> None:
         # Python ints do not overflow, so a hostile size or stride cannot wrap round.
@@ -204,6 +205,12 @@ class FileTensor(LazyTensor):
         out_shape = (r1 - r0,) + self.row_shape
         if _prod(out_shape) == 0:
             return np.zeros(out_shape, np.float32)
+        if self.numel > self._storage_numel - self._storage_offset:
+            # Zero or overlapping strides: a few stored bytes would read as any number of
+            # elements (a tiny file expanding to terabytes). No checkpoint stores weights so.
+            raise CheckpointError(
+                f"{self.where}: tensor {self.name}: a view of {self.numel} elements repeats elements of "
+                f"its storage of {self._storage_numel} (zero or overlapping strides); weights are not stored so")
         first = self._storage_offset + r0 * self._strides[0] if self.shape else self._storage_offset
         span = 1 + sum((d - 1) * s for d, s in zip(out_shape, self._strides))
         raw = self._source.read(self._offset + first * self._itemsize, span * self._itemsize)

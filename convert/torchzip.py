@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import io
 import pickle
+import pickletools
 import re
 import struct
 import zipfile
@@ -48,8 +49,20 @@ _STORAGE_TYPES = {
 _DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 
-class _StorageType:
+class _Inert:
+    """A stand-in the pickle gets instead of a torch object. Pickle's BUILD opcode would
+    otherwise set any attributes on it (an itemsize of 0, a shape that is not a tuple)."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state):
+        raise pickle.UnpicklingError(f"BUILD sets the state of {type(self).__name__}, which torch never does")
+
+
+class _StorageType(_Inert):
     """Stand-in for ``torch.FloatStorage`` and friends: a marker, never called."""
+
+    __slots__ = ("name", "dtype", "itemsize")
 
     def __init__(self, name: str):
         self.name = name
@@ -59,8 +72,10 @@ class _StorageType:
         return f"torch.{self.name}"
 
 
-class _DType:
+class _DType(_Inert):
     """Stand-in for ``torch.float32`` and friends, should a pickle mention one."""
+
+    __slots__ = ("name",)
 
     def __init__(self, name: str):
         self.name = name
@@ -69,8 +84,10 @@ class _DType:
         return f"torch.{self.name}"
 
 
-class _StorageRef:
+class _StorageRef(_Inert):
     """A storage record of the archive: where its bytes are and what they are."""
+
+    __slots__ = ("stype", "key", "offset", "numel")
 
     def __init__(self, stype: _StorageType, key: str, offset: int, numel: int):
         self.stype = stype
@@ -144,8 +161,10 @@ class _SafeUnpickler(pickle.Unpickler):
         return data
 
 
-class _TensorSpec:
+class _TensorSpec(_Inert):
     """What _rebuild_tensor_v2 was asked to build; it becomes a LazyTensor once it has a name."""
+
+    __slots__ = ("storage", "storage_offset", "size", "stride")
 
     def __init__(self, storage: _StorageRef, storage_offset: int, size: tuple, stride: tuple):
         self.storage = storage
@@ -195,8 +214,7 @@ class _Archive:
                 self.pickle = zf.read(pkl[0])
                 self._infos = {i.filename: i for i in infos}
                 self.big_endian = self._byteorder(zf)
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError,
-                RuntimeError, ValueError, OSError, struct.error) as e:
+        except Exception as e:  # BadZipFile, zlib.error (a damaged compressed record), EOFError, ...
             if isinstance(e, LlamaCPUError):
                 raise
             raise CheckpointError(f"{path}: damaged or truncated zip archive ({e})") from None
@@ -265,8 +283,23 @@ def _check_magic(path: str, source: SourceFile) -> None:
     raise CheckpointError(f"{path}: not a torch.save zip archive")
 
 
+def _check_memo(archive: _Archive) -> None:
+    """Refuses memo indices no pickler writes. The unpickler grows its memo table to the
+    largest index it sees, so one LONG_BINPUT of 2**28 in a 50-byte pickle would take 4 GB."""
+    try:
+        for i, (op, arg, _) in enumerate(pickletools.genops(archive.pickle)):
+            if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and not 0 <= arg <= i:
+                raise CheckpointError(f"{archive.path}: data.pkl uses memo index {arg} at its opcode {i}; "
+                                      "a pickler numbers them from 0 (damaged or hostile file)")
+    except CheckpointError:
+        raise
+    except Exception:  # malformed from here on: the unpickler stops at the same place, and says why
+        return
+
+
 def _unpickle(archive: _Archive):
     try:
+        _check_memo(archive)
         return _SafeUnpickler(archive.pickle, archive).load()
     except LlamaCPUError:
         raise

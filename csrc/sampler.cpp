@@ -10,6 +10,10 @@ int32_t Sampler::sample(const float* in, int64_t n_vocab, const SamplerParams& p
                         int64_t n_recent) {
     logits_.assign(in, in + n_vocab);
     float* l = logits_.data();
+    // Weights damaged in the file can make logits NaN. NaN breaks the ordering std::sort and
+    // the heap rely on (undefined behaviour, possibly reading out of bounds): it ranks last.
+    for (int64_t i = 0; i < n_vocab; ++i)
+        if (std::isnan(l[i])) l[i] = -INFINITY;
 
     // Repeat penalty as in llama.cpp: each distinct recent token once; positive logits are
     // divided, negative ones multiplied, so the token always becomes less likely.
@@ -27,8 +31,9 @@ int32_t Sampler::sample(const float* in, int64_t n_vocab, const SamplerParams& p
     int32_t best = 0;
     for (int64_t i = 1; i < n_vocab; ++i)
         if (l[i] > l[best]) best = int32_t(i);
-    if (p.temperature <= 0.0f) return best;
     const float mx = l[best];
+    // Greedy too when no logit is finite enough to weigh against it (+inf, or all -inf).
+    if (p.temperature <= 0.0f || !std::isfinite(mx)) return best;
 
     // Order: larger logit first, then smaller index, so ties never depend on the algorithm.
     auto before = [l](int32_t a, int32_t b) { return l[a] > l[b] || (l[a] == l[b] && a < b); };

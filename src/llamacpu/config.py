@@ -11,6 +11,8 @@ from .errors import ModelFileError
 # Upper bounds for values read from files. Real models sit far below them; the bounds exist
 # so a damaged or hostile file cannot make the runtime allocate absurd amounts of memory.
 MAX_DIM = 1 << 16
+# Real heads are 64 to 256 wide; the bound keeps the RoPE table (n_ctx x head_dim) small.
+MAX_HEAD_DIM = 1 << 10
 MAX_LAYERS = 1 << 10
 MAX_HEADS = 1 << 10
 MAX_VOCAB = 1 << 22
@@ -67,7 +69,7 @@ class ModelConfig:
         int_in("n_layers", 1, MAX_LAYERS)
         int_in("n_heads", 1, MAX_HEADS)
         int_in("n_kv_heads", 1, MAX_HEADS)
-        int_in("head_dim", 2, MAX_DIM)
+        int_in("head_dim", 2, MAX_HEAD_DIM)
         int_in("ffn_dim", 1, 1 << 20)
         int_in("vocab_size", 1, MAX_VOCAB)
         int_in("max_seq_len", 1, MAX_CTX)
@@ -83,7 +85,23 @@ class ModelConfig:
                 bad(f"{name} must be a positive number, got {v!r}")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
             bad("rope_scaling must be an object or null")
+        self._validate_rope_scaling(bad)
         return self
+
+    def _validate_rope_scaling(self, bad) -> None:
+        """The fields the runtime reads (model.rope_frequencies) for the kinds it applies; a
+        string or a zero there would fail or turn every position into NaN at load."""
+        rs = self.rope_scaling or {}
+        kind = rs.get("rope_type", rs.get("type"))
+        fields = {"linear": {"factor": 1.0},
+                  "llama3": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 8192}}.get(kind, {})
+        for name, default in fields.items():
+            v = rs.get(name, default)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1e12:
+                bad(f"rope_scaling {name} must be a positive number, got {v!r}")
+        if kind == "llama3" and not rs.get("low_freq_factor", 1.0) < rs.get("high_freq_factor", 4.0):
+            bad("rope_scaling low_freq_factor must be smaller than high_freq_factor")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

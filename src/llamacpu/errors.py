@@ -6,8 +6,20 @@ command line prints ``str(error)`` and exits non-zero; it never shows a tracebac
 """
 
 
+# Line breaks and other control characters, as they would be written in a Python string:
+# messages quote names read from files (GGUF keys, tensor names), which may hold anything.
+_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(32), 0x7F, 0x85]}
+_ESCAPES.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
 class LlamaCPUError(Exception):
-    """Base class of every error raised on purpose by llamacpu."""
+    """Base class of every error raised on purpose by llamacpu. Its message is always one
+    line: control characters in it are escaped."""
+
+    def __init__(self, *args):
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (args[0].translate(_ESCAPES),)
+        super().__init__(*args)
 
 
 class ModelFileError(LlamaCPUError, ValueError):

@@ -17,12 +17,12 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from . import _core
-from .chat import ChatFormat, chat_format
-from .errors import BusyError, ClosedError, LlamaCPUError, UsageError
+from .chat import BUILTIN, ChatFormat, chat_format
+from .errors import BusyError, ClosedError, LlamaCPUError, ModelFileError, UsageError
 from .fileformat import MappedModelFile
 from .model import Transformer
 from .sampling import SamplingParams
-from .sysinfo import default_threads, requested_isa
+from .sysinfo import default_threads, physical_memory, requested_isa
 from .textstream import StopMatcher
 from .tokenizer import StreamDecoder, load_tokenizer
 
@@ -32,7 +32,7 @@ REPEAT_LAST_N = 64
 
 class Llama:
     def __init__(self, model_path, n_ctx: Optional[int] = None, n_threads: Optional[int] = None,
-                 seed: Optional[int] = None, verbose: bool = False, n_batch: int = 512,
+                 seed: Optional[int] = None, verbose: bool = False, n_batch: int = 64,
                  chat_format: Optional[str] = None, isa: Optional[str] = None, kv_f16: Optional[bool] = None):
         self._closed = True
         self._lock = threading.Lock()
@@ -44,6 +44,7 @@ class Llama:
         self._file = MappedModelFile(model_path)
         try:
             cfg = self._file.meta.config
+            explicit_ctx = bool(n_ctx)
             if n_ctx is None or n_ctx == 0:
                 n_ctx = min(cfg.max_seq_len, 8192)
             if not isinstance(n_ctx, int) or n_ctx < 2:
@@ -62,10 +63,14 @@ class Llama:
             self.tokenizer = load_tokenizer(tok["kind"], self._file.blob(tok["offset"], tok["size"]),
                                             self.model_path, tok)
             if self.tokenizer.n_vocab > cfg.vocab_size:
-                raise LlamaCPUError(f"{self.model_path}: the tokenizer has {self.tokenizer.n_vocab} tokens, "
-                                    f"the model only {cfg.vocab_size}")
-            self._model = Transformer(self._file, self._backend, n_ctx, n_batch, kv_f16)
-            self._format = chat_format_for(chat_format, self._file.meta.chat_template)
+                raise ModelFileError(f"{self.model_path}: the tokenizer has {self.tokenizer.n_vocab} tokens, "
+                                     f"the model only {cfg.vocab_size}")
+            self._format = chat_format_for(chat_format, self._file.meta.chat_template, self.model_path)
+            _check_memory(self.model_path, self._file.meta, n_ctx, n_batch, kv_f16, explicit_ctx)
+            try:
+                self._model = Transformer(self._file, self._backend, n_ctx, n_batch, kv_f16)
+            except MemoryError:
+                _memory_error(self.model_path, self._file.meta, n_ctx, explicit_ctx, "is more than can be allocated")
         except BaseException:
             self._file.close()
             raise
@@ -99,11 +104,17 @@ class Llama:
 
     @property
     def isa(self) -> str:
-        return self._backend.name
+        return self._open_backend().name
 
     @property
     def n_threads(self) -> int:
-        return self._backend.n_threads
+        return self._open_backend().n_threads
+
+    def _open_backend(self):
+        backend = getattr(self, "_backend", None)
+        if backend is None:
+            raise ClosedError("this Llama has been closed")
+        return backend
 
     @property
     def chat_format(self) -> ChatFormat:
@@ -136,27 +147,28 @@ class Llama:
             yield
         finally:
             self._holder = None
-            try:
-                if self._closed and self._model is not None:
-                    self._release()  # close() was called inside this call: it is over now
-            finally:
-                self._lock.release()
+            self._lock.release()
+            if self._closed:
+                self._release_if_idle()  # close() was called during this call: it is over now
 
     def close(self) -> None:
-        """Releases the model file, the cache and the threads. Safe to call twice.
+        """Refuses new calls at once and releases the model file, the cache and the threads.
+        Safe to call twice, and from any thread.
 
-        Called inside an open stream of this thread (which holds the lock, so waiting for it
-        would wait forever), it refuses new calls at once and releases when the stream ends."""
-        if self._closed:
-            return
-        if self._holder == threading.get_ident():
-            self._closed = True
-            return
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._release()
+        While a call is running (or a stream is open, in this thread or another) close()
+        does not wait for it, which could be forever: the call releases when it ends."""
+        self._closed = True
+        self._release_if_idle()
+
+    def _release_if_idle(self) -> None:
+        # Whoever finds the lock free after _closed is set releases: close() itself, or the
+        # call that held the lock, which looks at _closed only after letting the lock go.
+        if self._lock.acquire(blocking=False):
+            try:
+                if self._model is not None:
+                    self._release()
+            finally:
+                self._lock.release()
 
     def _release(self) -> None:
         self._model.close()
@@ -199,6 +211,8 @@ class Llama:
 
     def _eval(self, tokens: np.ndarray, start: int) -> None:
         """Evaluates tokens at positions start.., in batches; keeps the last logits."""
+        if len(tokens) == 0:
+            return  # the last logits are still those of the last token in the cache
         m = self._model
         for i in range(0, len(tokens), m.n_batch):
             chunk = tokens[i:i + m.n_batch]
@@ -210,6 +224,8 @@ class Llama:
     def _load_prompt(self, tokens: np.ndarray) -> None:
         """Puts tokens in the cache, reusing the longest prefix it already holds."""
         n = len(tokens)
+        if n == 0:
+            raise UsageError("the prompt has no tokens (and this model has no beginning-of-text token)")
         held = min(self._n_past, n)
         eq = self._past[:held] == tokens[:held]
         same = held if eq.all() else int(np.argmin(eq))
@@ -362,7 +378,7 @@ class Llama:
                     toks = self._check_tokens(prompt)
                 else:
                     toks = np.asarray(self.tokenizer.encode(prompt, add_bos=True), np.int32)
-                if len(toks) == 0:
+                if len(toks) == 0 and self.tokenizer.bos_id >= 0:
                     toks = np.asarray([self.tokenizer.bos_id], np.int32)
                 at_start = len(toks) == 1 and toks[0] == self.tokenizer.bos_id
                 limit = self._max_tokens(max_tokens, len(toks))
@@ -467,8 +483,40 @@ class Llama:
         return ChatSession(self, system, chat_format(template) if template else self._format)
 
 
-def chat_format_for(requested: Optional[str], from_file: Optional[str]) -> ChatFormat:
-    return chat_format(requested or from_file or "plain")
+def chat_format_for(requested: Optional[str], from_file: Optional[str], path: str = "model") -> ChatFormat:
+    if requested:
+        return chat_format(requested)
+    try:
+        return chat_format(from_file or "plain")
+    except UsageError:
+        raise ModelFileError(f"{path}: the file names a chat template this llamacpu lacks ({from_file[:40]!r}); "
+                             f"choose one of {', '.join(BUILTIN)} with chat_format= (--template)") from None
+
+
+def _check_memory(path: str, meta, n_ctx: int, n_batch: int, kv_f16: Optional[bool], explicit_ctx: bool) -> None:
+    """Refuses a context whose KV cache and buffers could never fit in this machine's memory,
+    before any is allocated: a hostile file or a typo in n_ctx gives an error, not an
+    out-of-memory kill. (Most of it is touched only as the context fills, so the bound is the
+    whole memory, not what is free now.)"""
+    cfg = meta.config
+    if kv_f16 is None:
+        kv_f16 = any(t.dtype != "f32" for t in meta.tensors.values())
+    batch = min(n_batch, n_ctx)
+    kv = 2 * cfg.n_layers * cfg.kv_dim * n_ctx * (2 if kv_f16 else 4)
+    rope = n_ctx * cfg.head_dim * 4 * 2
+    acts = batch * (2 * cfg.dim + 2 * cfg.q_dim + 2 * cfg.kv_dim + 3 * cfg.ffn_dim + cfg.vocab_size) * 4
+    need, have = kv + rope + acts, physical_memory()
+    if have is not None and need > have:
+        _memory_error(path, meta, n_ctx, explicit_ctx,
+                      f"needs {need / 2**30:.1f} GiB for the KV cache and buffers, more than this machine's "
+                      f"{have / 2**30:.1f} GiB of memory")
+
+
+def _memory_error(path: str, meta, n_ctx: int, explicit_ctx: bool, what: str):
+    if explicit_ctx:
+        raise UsageError(f"n_ctx {n_ctx} {what}; choose a smaller n_ctx")
+    raise ModelFileError(f"{path}: its context of {n_ctx} tokens (max_seq_len {meta.config.max_seq_len}) {what}; "
+                         "choose a smaller n_ctx")
 
 
 def _seed_value(seed) -> int:

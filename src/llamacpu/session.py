@@ -34,7 +34,9 @@ class ChatSession:
             bos, eos = llm._special_pieces()
             sys_text = self.fmt.render(self.messages[:1], False, bos, eos)
             if sys_text and full.startswith(sys_text):
-                self.n_keep = max(1, len(llm._encode_chat_text(sys_text, start=True)))
+                # Kept through every context shift; a system prompt as long as the context
+                # keeps only its start, so that the conversation still has room.
+                self.n_keep = min(max(1, len(llm._encode_chat_text(sys_text, start=True))), max(1, llm.n_ctx // 4))
         return np.asarray(toks, np.int32)
 
     def _make_room(self, n_new: int) -> None:
@@ -58,12 +60,16 @@ class ChatSession:
             stop_ids = llm._chat_stop_ids()
             if self._started and full.startswith(self.text):
                 delta = self.pending + llm._encode_chat_text(full[len(self.text):], start=False)
-                room = llm.n_ctx - self.n_keep - min(256, llm.n_ctx // 4)
+                # _make_room may stop 2 tokens short of its goal: that slack is reserved too.
+                room = max(1, llm.n_ctx - self.n_keep - min(256, llm.n_ctx // 4) - 2)
                 if len(delta) > room:
                     llm._notice(f"message of {len(delta)} tokens is longer than the context allows; "
                                 f"kept its last {room} tokens")
                     delta = delta[-room:]
                 self._make_room(len(delta))
+                over = llm._n_past + len(delta) - llm.n_ctx
+                if over > 0:  # only in a context of a few tokens
+                    delta = delta[over:]
                 llm._eval(np.asarray(delta, np.int32), llm._n_past)
             else:
                 llm._load_prompt(llm._fit_prompt(self._first_prompt(full), self.n_keep))

@@ -31,6 +31,14 @@ def default_threads() -> int:
     return max(1, len(cores))
 
 
+def physical_memory():
+    """Bytes of memory this machine has, or None if unknown."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def requested_isa(isa=None) -> str:
     """The SIMD path to use: the argument, else LLAMACPU_ISA, else the best available."""
     return isa or os.environ.get("LLAMACPU_ISA") or "auto"

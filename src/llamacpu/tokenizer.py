@@ -30,6 +30,22 @@ def _summary_ids(summary, key, n_vocab) -> Optional[frozenset]:
     return frozenset(v)
 
 
+def _list_field(info: dict, key: str) -> list:
+    """A list-valued field of the file's tokenizer metadata; anything else counts as absent."""
+    v = info.get(key)
+    return v if isinstance(v, list) else []
+
+
+def _is_library_failure(e: BaseException) -> bool:
+    """An error from a tokenizer library fed damaged data. A Rust panic inside ``tokenizers``
+    arrives as pyo3's PanicException, which derives from BaseException, not Exception."""
+    return isinstance(e, Exception) or type(e).__name__ == "PanicException"
+
+
+def _damaged(where: str, what: str = "") -> ModelFileError:
+    return ModelFileError(f"{where}: the tokenizer inside the file is damaged{what}")
+
+
 class Tokenizer:
     """Common interface: encode/decode, special ids and per-token bytes."""
 
@@ -69,6 +85,17 @@ def _as_text(text: Text) -> str:
         return text.decode("utf-8", errors="replace")
     if not isinstance(text, str):
         raise TypeError(f"text must be str or bytes, not {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        # Lone surrogates, which no tokenizer library accepts: bytes that were not UTF-8 in a
+        # command line (Python's surrogateescape), or a broken string from a caller. Each
+        # becomes U+FFFD, as invalid bytes do.
+        try:
+            raw = text.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raw = text.encode("utf-8", "surrogatepass")
+        return raw.decode("utf-8", errors="replace")
     return text
 
 
@@ -95,8 +122,9 @@ class SentencePieceTokenizer(Tokenizer):
         except Exception:  # sentencepiece raises RuntimeError/OSError on damaged protos
             ok = False
         if not ok or sp.GetPieceSize() <= 0:
-            raise ModelFileError(f"{where}: the tokenizer inside the file is damaged")
+            raise _damaged(where)
         self.sp = sp
+        self._where = where
         self.n_vocab = sp.GetPieceSize()
         self.bos_id = sp.bos_id()
         self.eos_id = sp.eos_id()
@@ -106,7 +134,7 @@ class SentencePieceTokenizer(Tokenizer):
             control = frozenset(i for i in range(self.n_vocab) if sp.IsControl(i))
         self.control_ids = control
         self._bytes = [None] * self.n_vocab  # filled as tokens are first seen
-        self._special = {sp.IdToPiece(i): i for i in control if sp.IdToPiece(i)}
+        self._special = {p: i for i in control for p in (self.piece(i),) if p}
         self._special_re = _splitter(self._special)
 
     def encode(self, text: Text, add_bos: bool = True, special: bool = False) -> list:
@@ -125,7 +153,10 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         ids = [int(i) for i in ids if 0 <= int(i) < self.n_vocab]
-        return self.sp.DecodeIds(ids)
+        try:
+            return self.sp.DecodeIds(ids)
+        except UnicodeDecodeError:
+            raise _damaged(self._where, " (a piece is not UTF-8)") from None
 
     def token_bytes(self, token: int) -> bytes:
         if not 0 <= token < self.n_vocab:
@@ -136,20 +167,28 @@ class SentencePieceTokenizer(Tokenizer):
             if token in self.control_ids:
                 b = b""
             elif sp.IsByte(token):
-                b = bytes([int(sp.IdToPiece(token)[3:5], 16)])
+                try:
+                    b = bytes([int(self.piece(token)[3:5], 16)])
+                except ValueError:
+                    raise _damaged(self._where, f" (byte piece {token} is {self.piece(token)!r})") from None
             elif sp.IsUnknown(token):
                 b = " \u2047 ".encode()
             else:
-                b = sp.IdToPiece(token).replace("\u2581", " ").encode("utf-8")
+                b = self.piece(token).replace("\u2581", " ").encode("utf-8")
             self._bytes[token] = b
         return b
 
     def piece(self, token: int) -> str:
-        return self.sp.IdToPiece(token) if 0 <= token < self.n_vocab else ""
+        if not 0 <= token < self.n_vocab:
+            return ""
+        try:
+            return self.sp.IdToPiece(token)
+        except UnicodeDecodeError:
+            raise _damaged(self._where, f" (piece {token} is not UTF-8)") from None
 
     def token_id(self, piece: str) -> Optional[int]:
         i = self.sp.PieceToId(piece)
-        return None if i == self.sp.unk_id() and piece != self.sp.IdToPiece(i) else i
+        return None if i == self.sp.unk_id() and piece != self.piece(i) else i
 
 
 def _bytes_to_unicode() -> dict:
@@ -238,8 +277,10 @@ class HFTokenizer(Tokenizer):
             text = bytes(self._data).decode("utf-8")
             doc = json.loads(text)
             tok = tokenizers.Tokenizer.from_str(text)
-        except Exception:
-            raise ModelFileError(f"{where}: the tokenizer inside the file is damaged") from None
+        except BaseException as e:
+            if not _is_library_failure(e):
+                raise
+            raise _damaged(where) from None
         if not isinstance(doc, dict):
             raise ModelFileError(f"{where}: the tokenizer inside the file is damaged")
         n_vocab = tok.get_vocab_size(with_added_tokens=True)
@@ -281,10 +322,10 @@ class HFTokenizer(Tokenizer):
             add_bos = self._template_adds_bos(doc)
         self.add_bos = add_bos and self.bos_id >= 0
         stops = {self.eos_id}
-        stops.update(i for i in info.get("eot_ids") or () if isinstance(i, int))
-        names = set(END_OF_TURN_PIECES) | {p for p in info.get("eog_pieces") or () if isinstance(p, str)}
+        stops.update(i for i in _list_field(info, "eot_ids") if isinstance(i, int))
+        names = set(END_OF_TURN_PIECES) | {p for p in _list_field(info, "eog_pieces") if isinstance(p, str)}
         stops.update(i for i in self.control_ids if self.piece(i) in names)
-        stops.update(i for i in (tok.token_to_id(p) for p in info.get("eog_pieces") or ()
+        stops.update(i for i in (tok.token_to_id(p) for p in _list_field(info, "eog_pieces")
                                  if isinstance(p, str)) if i is not None)
         self.stop_ids = frozenset(i for i in stops if 0 <= i < n_vocab)
 
@@ -339,9 +380,14 @@ class HFTokenizer(Tokenizer):
         # a Llama serializes its calls, so setting it per call is safe.
         tok.encode_special_tokens = not special
         try:
-            ids = tok.encode(text, add_special_tokens=False).ids
-        except Exception:  # lone surrogates cannot cross into Rust
-            ids = tok.encode(text.encode("utf-8", "replace").decode("utf-8"), add_special_tokens=False).ids
+            try:
+                ids = tok.encode(text, add_special_tokens=False).ids
+            except Exception:  # lone surrogates cannot cross into Rust
+                ids = tok.encode(text.encode("utf-8", "replace").decode("utf-8"), add_special_tokens=False).ids
+        except BaseException as e:
+            if not _is_library_failure(e):
+                raise
+            raise _damaged(self._where, f" ({type(e).__name__} while encoding)") from None
         return ([self.bos_id] if add_bos and self.add_bos else []) + list(ids)
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -405,8 +451,8 @@ def load_tokenizer(kind: str, data: bytes, where: str, info: Optional[dict] = No
     if kind == "sentencepiece":
         tok = SentencePieceTokenizer(data, where, info.get("summary"))
         # A GGUF source may name end-of-turn tokens beyond eos.
-        extra = [i for i in info.get("eot_ids") or () if isinstance(i, int) and 0 <= i < tok.n_vocab]
-        extra += [i for i in (tok.token_id(p) for p in info.get("eog_pieces") or ()
+        extra = [i for i in _list_field(info, "eot_ids") if isinstance(i, int) and 0 <= i < tok.n_vocab]
+        extra += [i for i in (tok.token_id(p) for p in _list_field(info, "eog_pieces")
                               if isinstance(p, str)) if i is not None]
         if extra:
             tok.stop_ids = tok.stop_ids | frozenset(extra)
