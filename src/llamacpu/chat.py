@@ -42,11 +42,13 @@ def _llama2(messages, add_generation_prompt, bos, eos):
     text = ""
     for m in messages:
         if m["role"] == "user":
-            content = m["content"].strip()
+            content = m["content"]
             if system is not None:
-                content = _LLAMA2_SYS.format(system.strip()) + content
+                # As Meta's chat_completion: the system block and the message are one text,
+                # stripped together (the system prompt's own whitespace stays).
+                content = _LLAMA2_SYS.format(system) + content
                 system = None
-            text += f"{bos}[INST] {content} [/INST]"
+            text += f"{bos}[INST] {content.strip()} [/INST]"
         elif m["role"] == "assistant":
             text += f" {m['content'].strip()} {eos}"
     return text
