@@ -186,20 +186,42 @@ def _deq_q5_k(b):
     return _deq_k_min(b, _k_quant_4bit(b[:, 48:176]) | (high << np.uint8(4)))
 
 
-def _deq_q6_k(b):
+def _q6_k_quants(b: np.ndarray) -> np.ndarray:
+    """The 6-bit quants (0..63) of Q6_K blocks [n, 210] in column order: uint8 [n, 256]."""
     n = b.shape[0]
-    ql, qh, sc = b[:, 0:128], b[:, 128:192], b[:, 192:208].view(np.int8)
-    d = _f16(b[:, 208:210])
+    ql, qh = b[:, 0:128], b[:, 128:192]
     # Each 128-element half uses 64 bytes of ql and 32 of qh: element 32*k + l (k = 0..3)
-    # takes low nibble (k even) or high nibble (k odd) of ql[l + 32*(k % 2)] and bits
+    # takes low nibble (k < 2) or high nibble (k >= 2) of ql[l + 32*(k % 2)] and bits
     # 2k..2k+1 of qh[l].
     ql = ql.reshape(n, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
     ql = (ql & np.uint8(0x0F)).reshape(n, 2, 4, 32)
     qh = qh.reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
     qh = (qh & np.uint8(3)).reshape(n, 2, 4, 32)
-    q = (ql | (qh << np.uint8(4))).astype(np.int8) - np.int8(32)
+    return (ql | (qh << np.uint8(4))).reshape(n, 256)
+
+
+def _deq_q6_k(b):
+    n = b.shape[0]
+    sc = b[:, 192:208].view(np.int8)
+    d = _f16(b[:, 208:210])
+    q = _q6_k_quants(b).astype(np.int8) - np.int8(32)
     scale = (d * sc.astype(np.float32)).reshape(n, 16, 1)
     return (scale * q.reshape(n, 16, 16).astype(np.float32)).reshape(n, 256)
+
+
+def k_block_fields(ggml_type: str, b: np.ndarray, n_rows: int) -> dict:
+    """The stored values of Q4_K / Q6_K blocks b (uint8 [n_rows * blocks per row, 144 or 210])
+    as GGUFTensor.read_blocks gives them."""
+    nb = b.shape[0] // n_rows
+
+    def fp16_bits(lo):
+        return np.ascontiguousarray(b[:, lo:lo + 2]).view("<u2").astype(np.uint16).reshape(n_rows, nb)
+
+    if ggml_type == "Q4_K":
+        return {"q": _k_quant_4bit(b[:, 16:144]).reshape(n_rows, nb * 256), "d": fp16_bits(0), "dmin": fp16_bits(2),
+                "scales": np.ascontiguousarray(b[:, 4:16]).reshape(n_rows, nb, 12)}
+    return {"q": _q6_k_quants(b).reshape(n_rows, nb * 256), "d": fp16_bits(208),
+            "scales": np.ascontiguousarray(b[:, 192:208]).view(np.int8).reshape(n_rows, nb, 16)}
 
 
 def _deq_f32(b):
@@ -234,7 +256,8 @@ class GGUFTensor(LazyTensor):
     """A tensor in a GGUF file, read as float32 rows.
 
     ``dtype`` is the lower-case ggml type ("q4_1"), ``ggml_type`` its ggml name ("Q4_1").
-    For Q4_0, Q4_1 and Q8_0, ``read_blocks`` also gives the stored values without loss.
+    For Q4_0, Q4_1, Q8_0, Q4_K and Q6_K, ``read_blocks`` also gives the stored values without
+    loss.
     """
 
     def __init__(self, name: str, source: SourceFile, offset: int, shape: tuple, ggml_type: str,
@@ -258,6 +281,12 @@ class GGUFTensor(LazyTensor):
         return raw.reshape(b1 - b0, self._block_bytes)
 
     def _read_rows(self, r0: int, r1: int) -> np.ndarray:
+        # Damaged scales (fp16 Inf or NaN) give NaN, which the converter reports as one error
+        # naming the tensor; numpy's warnings about it would only add stray lines.
+        with np.errstate(invalid="ignore", over="ignore"):
+            return self._decode_rows(r0, r1)
+
+    def _decode_rows(self, r0: int, r1: int) -> np.ndarray:
         if len(self.shape) == 1:
             # A 1-D tensor's rows are its elements: decode the blocks around them.
             e0 = r0 // self._block * self._block
@@ -273,25 +302,30 @@ class GGUFTensor(LazyTensor):
         return vals.reshape(out_shape)
 
     def read_blocks(self, r0: int, r1: int) -> dict:
-        """Rows r0..r1-1 of a 2-D Q4_0/Q4_1/Q8_0 tensor as the stored values, losslessly.
+        """Rows r0..r1-1 of a 2-D Q4_0/Q4_1/Q8_0/Q4_K/Q6_K tensor as the stored values, losslessly.
 
         Q4_0: {"q": uint8 [n, K] in 0..15 (the quant of each column), "d": uint16 [n, K/32]
         (fp16 bits of each block's scale)}; Q4_1 adds "m" (fp16 bits of each block's min);
         Q8_0: {"q": int8 [n, K], "d"}.
+        Q4_K: {"q": uint8 [n, K] in 0..15, "d", "dmin": uint16 [n, K/256] (fp16 bits),
+        "scales": uint8 [n, K/256, 12] (the packed 6-bit scales and mins as stored)}.
+        Q6_K: {"q": uint8 [n, K] in 0..63, "d": uint16 [n, K/256], "scales": int8 [n, K/256, 16]}.
         """
-        if self.ggml_type not in ("Q4_0", "Q4_1", "Q8_0") or len(self.shape) != 2:
-            raise ValueError(f"{self.name}: read_blocks needs a 2-D Q4_0, Q4_1 or Q8_0 tensor, "
-                             f"not {self.ggml_type}{list(self.shape)}")
+        if self.ggml_type not in ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K") or len(self.shape) != 2:
+            raise ValueError(f"{self.name}: read_blocks needs a 2-D Q4_0, Q4_1, Q8_0, Q4_K or Q6_K "
+                             f"tensor, not {self.ggml_type}{list(self.shape)}")
         if not (isinstance(r0, (int, np.integer)) and isinstance(r1, (int, np.integer))
                 and 0 <= r0 <= r1 <= self.nrows):
             raise ValueError(f"{self.name}: bad row range {r0}..{r1} for {self.nrows} rows")
         n, k = int(r1 - r0), self.shape[1]
-        nb = k // 32
+        nb = k // self._block
         b = self._raw_blocks(int(r0) * k, int(r1) * k)
 
         def fp16_bits(lo):
             return np.ascontiguousarray(b[:, lo:lo + 2]).view("<u2").astype(np.uint16).reshape(n, nb)
 
+        if self.ggml_type in ("Q4_K", "Q6_K"):
+            return k_block_fields(self.ggml_type, b, n)
         if self.ggml_type == "Q8_0":
             q = np.ascontiguousarray(b[:, 2:34]).view(np.int8).reshape(n, k)
             return {"q": q, "d": fp16_bits(0)}

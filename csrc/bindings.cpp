@@ -15,6 +15,7 @@
 
 #include "backend.h"
 #include "cpu.h"
+#include "kquants.h"
 #include "quantize.h"
 #include "sampler.h"
 
@@ -28,7 +29,35 @@ namespace {
 struct PyMatrix {
     Matrix m;
     std::unique_ptr<py::buffer_info> view;
+    // A matrix stored as row segments of different types (a fused q/k/v whose v rows are more
+    // precise): the segments in row order. m then has their total rows and no data of its own.
+    std::vector<std::shared_ptr<PyMatrix>> parts;
 };
+
+constexpr int32_t kStacked = -1;  // PyMatrix::m.dtype of a matrix made of row segments
+
+std::shared_ptr<PyMatrix> make_stacked(const std::vector<std::shared_ptr<PyMatrix>>& parts) {
+    if (parts.size() < 2 || parts.size() > 16) throw std::invalid_argument("stacked: 2 to 16 matrices");
+    auto pm = std::make_shared<PyMatrix>();
+    pm->m.dtype = kStacked;
+    for (const auto& p : parts) {
+        if (!p || !p->parts.empty()) throw std::invalid_argument("stacked: the parts must be plain matrices");
+        if (p->m.cols != parts[0]->m.cols) throw std::invalid_argument("stacked: the parts differ in columns");
+        pm->m.rows += p->m.rows;  // each below 2^31, at most 16 of them: no overflow
+    }
+    pm->m.cols = parts[0]->m.cols;
+    pm->parts = parts;
+    return pm;
+}
+
+// The segment of a stacked matrix (or the matrix itself) that holds row r, and r within it.
+std::pair<const Matrix*, int64_t> row_home(const PyMatrix& p, int64_t r) {
+    for (const auto& part : p.parts) {
+        if (r < part->m.rows) return {&part->m, r};
+        r -= part->m.rows;
+    }
+    return {&p.m, r};
+}
 
 std::shared_ptr<PyMatrix> make_matrix(py::buffer buf, int64_t offset, int32_t dtype, int64_t rows, int64_t cols) {
     auto info = std::make_unique<py::buffer_info>(buf.request());
@@ -164,6 +193,19 @@ public:
         need(o.cols == w->m.rows, "matmul: out columns != weight rows");
         need(xr.rows == o.rows, "matmul: x rows != out rows");
         Backend* b = b_.get();
+        if (!w->parts.empty()) {
+            // Each segment writes its own columns of out.
+            std::vector<std::pair<const Matrix*, int64_t>> segs;
+            int64_t r0 = 0;
+            for (const auto& p : w->parts) {
+                segs.emplace_back(&p->m, r0);
+                r0 += p->m.rows;
+            }
+            submit([=] {
+                for (const auto& [m, r] : segs) b->matmul(*m, xr.p, xr.rows, xr.ld, o.p + r, o.ld, accumulate);
+            }, {py::cast(w), x, out});
+            return;
+        }
         const Matrix* m = &w->m;
         submit([=] { b->matmul(*m, xr.p, xr.rows, xr.ld, o.p, o.ld, accumulate); }, {py::cast(w), x, out});
     }
@@ -235,6 +277,7 @@ public:
 
     void embed(std::shared_ptr<PyMatrix> w, py::array tokens, py::array out) {
         Rows o = rows_of(out, "out", true);
+        need(w->parts.empty(), "embed: a matrix of row segments cannot be an embedding table");
         need(o.cols == w->m.cols, "embed: out columns != table columns");
         const int32_t* tp = vec_of<int32_t>(tokens, "tokens", o.rows);
         const Matrix* m = &w->m;
@@ -381,6 +424,9 @@ PYBIND11_MODULE(_core, m) {
     m.attr("Q8_0") = int(kQ8_0);
     m.attr("Q4_0") = int(kQ4_0);
     m.attr("Q4_1") = int(kQ4_1);
+    m.attr("Q4_K") = int(kQ4_K);
+    m.attr("Q6_K") = int(kQ6_K);
+    m.attr("SUPER_BLOCK") = kSuperBlock;
     m.attr("TILE_ROWS") = kTileRows;
     m.attr("BLOCK") = kBlock;
 
@@ -416,10 +462,18 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("dtype", [](const PyMatrix& p) { return p.m.dtype; })
         .def_property_readonly("rows", [](const PyMatrix& p) { return p.m.rows; })
         .def_property_readonly("cols", [](const PyMatrix& p) { return p.m.cols; })
+        .def_static("stacked", &make_stacked, py::arg("parts"),
+                    "One matrix made of row segments (matrices of the same columns, any types); dtype -1")
+        .def_property_readonly("parts", [](const PyMatrix& p) {
+            std::vector<std::pair<int64_t, int32_t>> out;
+            for (const auto& part : p.parts) out.emplace_back(part->m.rows, part->m.dtype);
+            return out;
+        }, "(rows, dtype) of each row segment; empty for a plain matrix")
         .def("dequantize_row", [](const PyMatrix& p, int64_t r) {
             if (r < 0 || r >= p.m.rows) throw std::invalid_argument("row out of range");
             py::array_t<float> out(p.m.cols);
-            dequantize_row(p.m, r, out.mutable_data());
+            const auto [m, rr] = row_home(p, r);
+            dequantize_row(*m, rr, out.mutable_data());
             return out;
         });
 
@@ -492,9 +546,12 @@ PYBIND11_MODULE(_core, m) {
              py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"),
              py::arg("repeat_penalty"), py::arg("recent"));
 
-    m.def("quantize_tiles", [](int32_t dtype, py::array src, py::array quants, py::array scales) {
+    m.def("quantize_tiles", [](int32_t dtype, py::array src, py::array quants, py::array scales,
+                               const std::string& method) {
         Rows s = rows_of(src, "src", false);
         need(is_quantized(dtype), "quantize_tiles: dtype must be Q8_0, Q4_0 or Q4_1");
+        need(method == "mse" || method == "ref", "quantize_tiles: method must be 'mse' or 'ref'");
+        const int32_t how = method == "ref" ? kQuantRef : kQuantMse;
         need(s.cols % kBlock == 0 && s.ld == s.cols, "quantize_tiles: src must be contiguous, cols % 32 == 0");
         const int64_t nb = s.cols / kBlock, tiles = n_tiles(s.rows);
         check_dtype<uint8_t>(quants, "quants");
@@ -506,6 +563,50 @@ PYBIND11_MODULE(_core, m) {
         uint8_t* qp = static_cast<uint8_t*>(quants.mutable_data());
         uint16_t* sp = static_cast<uint16_t*>(scales.mutable_data());
         py::gil_scoped_release nogil;
-        quantize_tiles(dtype, s.p, s.rows, s.cols, qp, sp);
-    });
+        quantize_tiles(dtype, s.p, s.rows, s.cols, qp, sp, how);
+    }, py::arg("dtype"), py::arg("src"), py::arg("quants"), py::arg("scales"), py::arg("method") = "mse");
+    // K-quants (kquants.h): the float rows of src [rows, cols], cols % 256 == 0, quantized by
+    // method "mse" (least weighted squared error, never worse than "ref") or "ref" (llama.cpp's
+    // rule, byte for byte); importance: optional float32 [cols] weighting the error per column.
+    auto k_args = [](int32_t dtype, py::array& src, const std::string& method, py::object importance,
+                     const float** imp) {
+        need(is_kquant(dtype), "dtype must be Q4_K or Q6_K");
+        need(method == "mse" || method == "ref", "method must be 'mse' or 'ref'");
+        Rows s = rows_of(src, "src", false);
+        need(s.cols % kSuperBlock == 0 && s.ld == s.cols, "src must be contiguous with cols % 256 == 0");
+        *imp = nullptr;
+        if (!importance.is_none()) {
+            // An array the caller holds (a cast copy would die before the quantizer reads it).
+            need(py::isinstance<py::array>(importance), "importance must be a float32 numpy array");
+            py::array a = importance.cast<py::array>();
+            *imp = vec_of<float>(a, "importance", s.cols);
+            need(a.shape(0) == s.cols, "importance must have one value per column");
+        }
+        return std::make_pair(s, method == "ref" ? int32_t(kQuantRef) : int32_t(kQuantMse));
+    };
+    m.def("quantize_k_tiles", [k_args](int32_t dtype, py::array src, py::array dst, const std::string& method,
+                                       py::object importance) {
+        const float* imp;
+        const auto [s, how] = k_args(dtype, src, method, importance, &imp);
+        check_dtype<uint8_t>(dst, "dst");
+        need(dst.writeable() && (dst.flags() & py::array::c_style), "dst: writable and C-contiguous");
+        need(dst.size() == matrix_bytes(dtype, s.rows, s.cols), "dst has the wrong size");
+        uint8_t* dp = static_cast<uint8_t*>(dst.mutable_data());
+        py::gil_scoped_release nogil;
+        quantize_k_tiles(dtype, s.p, s.rows, s.cols, dp, how, imp);
+    }, py::arg("dtype"), py::arg("src"), py::arg("dst"), py::arg("method") = "mse", py::arg("importance") = py::none(),
+       "Quantizes src into the tile layout of a Q4_K / Q6_K matrix (dst: matrix_bytes uint8)");
+    m.def("quantize_k_gguf", [k_args](int32_t dtype, py::array src, const std::string& method, py::object importance) {
+        const float* imp;
+        const auto [s, how] = k_args(dtype, src, method, importance, &imp);
+        const int64_t bytes = (s.cols / kSuperBlock) * (dtype == kQ4_K ? 144 : 210);
+        py::array_t<uint8_t> out({s.rows, bytes});
+        uint8_t* op = out.mutable_data();
+        {
+            py::gil_scoped_release nogil;
+            quantize_k_gguf(dtype, s.p, s.rows, s.cols, op, how, imp);
+        }
+        return out;
+    }, py::arg("dtype"), py::arg("src"), py::arg("method") = "mse", py::arg("importance") = py::none(),
+       "The same quantization as GGUF Q4_K / Q6_K blocks: uint8 [rows, cols/256 * 144 or 210]");
 }

@@ -69,7 +69,7 @@ public:
 
     void matmul(const Matrix& w, const float* x, int64_t n_tok, int64_t ldx, float* out, int64_t ldo,
                 bool accumulate) override {
-        if (is_quantized(w.dtype)) {
+        if (is_quantized(w.dtype) || is_kquant(w.dtype)) {
             matmul_quantized(w, x, n_tok, ldx, out, ldo, accumulate);
         } else {
             matmul_float(w, x, n_tok, ldx, out, ldo, accumulate);
@@ -188,6 +188,7 @@ private:
         const int64_t tiles_per_task = std::max<int64_t>(1, tiles * tok_chunks / want);
         const int64_t tile_tasks = (tiles + tiles_per_task - 1) / tiles_per_task;
         auto fn = w.dtype == kQ4_0 ? k_->matmul_q4_0 : w.dtype == kQ4_1 ? k_->matmul_q4_1 : k_->matmul_q8_0;
+        if (is_kquant(w.dtype)) fn = w.dtype == kQ4_K ? k_->matmul_q4_k : k_->matmul_q6_k;
         par(tile_tasks * tok_chunks, w.rows * k * n_tok, [&](int64_t task, int) {
             const int64_t tc = task / tile_tasks, tt = task % tile_tasks;
             const int64_t tok0 = tc * kTokChunk, ntok = std::min(kTokChunk, n_tok - tok0);

@@ -63,6 +63,13 @@ struct KernelTable {
     // Conversions used for the KV cache and embeddings.
     void (*f16_to_f32)(const uint16_t* x, float* y, int64_t n);
     void (*f32_to_f16)(const float* x, uint16_t* y, int64_t n);
+
+    // Q4_K / Q6_K tiled matrices (kquants.h), the contract of matmul_q4_0; the kernels live in
+    // kquants_*.cpp and compute the per-row arithmetic kquants.h defines.
+    void (*matmul_q4_k)(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, int64_t tile1,
+                        const ActQ8& a, float* out, int64_t ldo, bool accumulate);
+    void (*matmul_q6_k)(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, int64_t tile1,
+                        const ActQ8& a, float* out, int64_t ldo, bool accumulate);
 };
 
 extern const KernelTable kScalarKernels;

@@ -11,6 +11,7 @@
 #include <cstring>
 
 #include "kernels.h"
+#include "kquants.h"
 
 namespace llamacpu {
 namespace avx2 {
@@ -239,6 +240,8 @@ const KernelTable kAvx2Kernels = {
     avx2::attention_avx2,
     avx2::f16_to_f32_avx2,
     avx2::f32_to_f16_avx2,
+    kq_avx2_matmul_q4_k,
+    kq_avx2_matmul_q6_k,
 };
 
 }  // namespace llamacpu

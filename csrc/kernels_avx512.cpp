@@ -16,11 +16,13 @@
 #include <simde/x86/fma.h>
 #define LLAMACPU_NS avx512emu
 #define LLAMACPU_TABLE kAvx512EmuKernels
+#define LLAMACPU_KQ(name) kq_avx512emu_##name
 #define LLAMACPU_TABLE_NAME "avx512-emu"
 #else
 #include <immintrin.h>
 #define LLAMACPU_NS avx512
 #define LLAMACPU_TABLE kAvx512Kernels
+#define LLAMACPU_KQ(name) kq_avx512_##name
 #define LLAMACPU_TABLE_NAME "avx512"
 #endif
 
@@ -28,31 +30,14 @@
 #include <cstring>
 
 #include "kernels.h"
+#include "kquants.h"
 
 namespace llamacpu {
 namespace LLAMACPU_NS {
 
 #include "simd_x86_common.h"
 
-#if defined(LLAMACPU_SIMDE)
-// Conversions SIMDe does not provide, written lane by lane with the same rounding.
-static inline __m512 emu_cvtepi32_ps(__m512i v) {
-    int32_t a[16];
-    float f[16];
-    _mm512_storeu_si512(a, v);
-    for (int i = 0; i < 16; ++i) f[i] = float(a[i]);
-    return _mm512_loadu_ps(f);
-}
-static inline __m512 emu_cvtph_ps(__m256i h) {
-    uint16_t a[16];
-    float f[16];
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a), h);
-    for (int i = 0; i < 16; ++i) f[i] = fp16_to_fp32(a[i]);
-    return _mm512_loadu_ps(f);
-}
-#define _mm512_cvtepi32_ps emu_cvtepi32_ps
-#define _mm512_cvtph_ps emu_cvtph_ps
-#endif
+#include "simde_avx512_fixups.h"
 
 static inline __m512i bcast4z(const int8_t* p) {
     int32_t v;
@@ -187,6 +172,8 @@ const KernelTable LLAMACPU_TABLE = {
     LLAMACPU_NS::attention_avx2,
     LLAMACPU_NS::f16_to_f32_avx2,
     LLAMACPU_NS::f32_to_f16_avx2,
+    LLAMACPU_KQ(matmul_q4_k),
+    LLAMACPU_KQ(matmul_q6_k),
 };
 
 }  // namespace llamacpu

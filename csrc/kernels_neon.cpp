@@ -16,11 +16,13 @@
 #include <simde/arm/neon.h>
 #define LLAMACPU_NS neonemu
 #define LLAMACPU_TABLE kNeonEmuKernels
+#define LLAMACPU_KQ(name) kq_neonemu_##name
 #define LLAMACPU_TABLE_NAME "neon-emu"
 #else
 #include <arm_neon.h>
 #define LLAMACPU_NS neon
 #define LLAMACPU_TABLE kNeonKernels
+#define LLAMACPU_KQ(name) kq_neon_##name
 #define LLAMACPU_TABLE_NAME "neon"
 #endif
 
@@ -28,41 +30,12 @@
 #include <cstring>
 
 #include "kernels.h"
+#include "kquants.h"
 
 namespace llamacpu {
 namespace LLAMACPU_NS {
 
-#if defined(LLAMACPU_SIMDE)
-// SIMDe 0.7.4 has no vdivq_f32 or vcvtnq_s32_f32, and on a CPU without FMA its vfmaq_f32
-// rounds twice (multiply, then add). These stand-ins work lane by lane with the rounding of
-// the real instructions, so the emulated path computes the same bits as the native one.
-static inline float32x4_t emu_vfmaq_f32(float32x4_t acc, float32x4_t b, float32x4_t c) {
-    float r[4], x[4], y[4];
-    vst1q_f32(r, acc);
-    vst1q_f32(x, b);
-    vst1q_f32(y, c);
-    for (int i = 0; i < 4; ++i) r[i] = std::fma(x[i], y[i], r[i]);
-    return vld1q_f32(r);
-}
-static inline float32x4_t emu_vdivq_f32(float32x4_t a, float32x4_t b) {
-    float x[4], y[4];
-    vst1q_f32(x, a);
-    vst1q_f32(y, b);
-    for (int i = 0; i < 4; ++i) x[i] /= y[i];
-    return vld1q_f32(x);
-}
-static inline int32x4_t emu_vcvtnq_s32_f32(float32x4_t a) {
-    float x[4];
-    int32_t r[4];
-    vst1q_f32(x, a);
-    for (int i = 0; i < 4; ++i) r[i] = int32_t(std::nearbyint(x[i]));  // fcvtns: half to even
-    return vld1q_s32(r);
-}
-#undef vfmaq_f32
-#define vfmaq_f32 emu_vfmaq_f32
-#define vdivq_f32 emu_vdivq_f32
-#define vcvtnq_s32_f32 emu_vcvtnq_s32_f32
-#endif
+#include "simde_neon_fixups.h"
 
 // ---- small building blocks --------------------------------------------------------------
 
@@ -528,6 +501,8 @@ const KernelTable LLAMACPU_TABLE = {
     LLAMACPU_NS::attention,
     LLAMACPU_NS::f16_to_f32,
     LLAMACPU_NS::f32_to_f16,
+    LLAMACPU_KQ(matmul_q4_k),
+    LLAMACPU_KQ(matmul_q6_k),
 };
 
 }  // namespace llamacpu

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "kernels.h"
+#include "kquants.h"
 
 namespace llamacpu {
 namespace scalar {
@@ -109,8 +110,11 @@ static void quantize_row_q8(const float* x, int64_t k, int8_t* q, float* d, int3
         const float id = act_inv_scale(amax);
         int32_t sum = 0;
         for (int i = 0; i < kBlock; ++i) {
-            // nearbyint: round half to even, as the SIMD conversions do.
-            const int v = int(std::nearbyint(xb[i] * id));
+            // nearbyint: round half to even, as the SIMD conversions do. NaN or Inf in the
+            // activations (a damaged model) gives -128 as on x86 SIMD, without the undefined
+            // float-to-int conversion.
+            const float r = std::nearbyint(xb[i] * id);
+            const int v = r >= -128.0f && r <= 127.0f ? int(r) : -128;
             q[b * kBlock + i] = int8_t(v);
             sum += v;
         }
@@ -202,6 +206,8 @@ const KernelTable kScalarKernels = {
     scalar::attention,
     scalar::f16_to_f32,
     scalar::f32_to_f16,
+    kq_scalar_matmul_q4_k,
+    kq_scalar_matmul_q6_k,
 };
 
 }  // namespace llamacpu

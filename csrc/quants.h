@@ -20,6 +20,8 @@ enum DType : int32_t {
     kQ8_0 = 2,  // 8-bit, block 32, fp16 scale per block and row, 16-row tiles
     kQ4_0 = 3,  // 4-bit, block 32, fp16 scale per block and row, 16-row tiles
     kQ4_1 = 4,  // 4-bit, block 32, fp16 scale and fp16 min per block and row, 16-row tiles
+    kQ4_K = 5,  // 4-bit, super-block 256 = 8 sub-blocks of 32 with 6-bit scales and mins (GGUF Q4_K)
+    kQ6_K = 6,  // 6-bit, super-block 256 = 16 groups of 16 with int8 scales (GGUF Q6_K)
 };
 
 constexpr int kBlock = 32;      // weights per quantization block (along a row)
@@ -43,7 +45,20 @@ static_assert(kQ4TileBlockQuants == 256, "Q4_0 tile-block quants");
 static_assert(kQ8TileBlockQuants == 512, "Q8_0 tile-block quants");
 static_assert(kTileBlockScales == 32, "tile-block scales");
 
+// The block-32 types (one scale per 32 weights). The K types below are quantized too, with
+// their own layout and helpers: see is_kquant.
 inline bool is_quantized(int32_t dt) { return dt == kQ8_0 || dt == kQ4_0 || dt == kQ4_1; }
+
+// K-quants: one tile-superblock = 16 rows x 256 columns. kquants.h has the layout.
+constexpr int kSuperBlock = 256;
+constexpr int64_t kQ4KTileQuants = 2048, kQ4KTileScales = 256;  // 4.5 bits per weight
+constexpr int64_t kQ6KTileQuants = 3072, kQ6KTileScales = 288;  // 6.5625 bits per weight
+
+inline bool is_kquant(int32_t dt) { return dt == kQ4_K || dt == kQ6_K; }
+
+// Bytes of quants, and of scales, per tile-superblock of a K type.
+inline int64_t k_tile_quant_bytes(int32_t dt) { return dt == kQ4_K ? kQ4KTileQuants : kQ6KTileQuants; }
+inline int64_t k_tile_scale_bytes(int32_t dt) { return dt == kQ4_K ? kQ4KTileScales : kQ6KTileScales; }
 
 inline int64_t n_tiles(int64_t rows) { return (rows + kTileRows - 1) / kTileRows; }
 
@@ -56,7 +71,7 @@ inline int64_t tile_block_quant_bytes(int32_t dt) {
 inline int64_t tile_block_scale_bytes(int32_t dt) { return dt == kQ4_1 ? 2 * kTileBlockScales : kTileBlockScales; }
 
 // Total bytes of a [rows, cols] matrix of type dt, or -1 when the shape is not allowed
-// for that type (quantized types need cols % 32 == 0). Callers check for overflow by
+// for that type (block-32 types need cols % 32 == 0, K types cols % 256 == 0). Callers check for overflow by
 // bounding rows and cols first (both < 2^31 keeps every product below 2^63).
 inline int64_t matrix_bytes(int32_t dt, int64_t rows, int64_t cols) {
     if (rows <= 0 || cols <= 0 || rows >= (int64_t(1) << 31) || cols >= (int64_t(1) << 31)) return -1;
@@ -68,6 +83,10 @@ inline int64_t matrix_bytes(int32_t dt, int64_t rows, int64_t cols) {
         case kQ4_1:
             if (cols % kBlock) return -1;
             return n_tiles(rows) * (cols / kBlock) * (tile_block_quant_bytes(dt) + tile_block_scale_bytes(dt));
+        case kQ4_K:
+        case kQ6_K:
+            if (cols % kSuperBlock) return -1;
+            return n_tiles(rows) * (cols / kSuperBlock) * (k_tile_quant_bytes(dt) + k_tile_scale_bytes(dt));
         default: return -1;
     }
 }

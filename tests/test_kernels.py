@@ -13,7 +13,9 @@ against a float64 reference that uses the same (exactly representable) operands:
     |err| <= (n + 2) u sum|w_i x_i|  (fma only removes roundings, so the bound covers it);
   * quantized matmul: the integer block dots are exact, so only the per-block float work
     rounds: (dw * da) once, the product once, the running sum once per block, so
-    |err| <= (n_blocks + 2) u sum_b |dot_b dw_b da_b|;
+    |err| <= (n_blocks + 2) u sum_b |dot_b dw_b da_b|. Q4_1 adds a second term per block,
+    m_w * (float(sum a) * da), rounded the same way: the sum then has 2 n_blocks terms and
+    |err| <= (2 n_blocks + 2) u sum_b (|dot_b dw_b da_b| + |m_b s_b da_b|);
   * element-wise kernels: a few u relative to the magnitudes of the terms, plus the SIMD exp
     (Cephes polynomial, within a few ulp of expf) where the kernel uses it.
 These bounds are loose for random data (the real error is about sqrt(n) u) but they are far
@@ -34,9 +36,12 @@ from llamacpu import _core
 
 ISAS = isa_paths()
 U = 2.0 ** -24
-F32, F16, Q8_0, Q4_0 = _core.F32, _core.F16, _core.Q8_0, _core.Q4_0
-DTYPES = {"f32": F32, "f16": F16, "q8_0": Q8_0, "q4_0": Q4_0}
-QUANT_BYTES = {Q4_0: 256, Q8_0: 512}  # quants per 16-row x 32-column tile-block (quants.h)
+F32, F16, Q8_0, Q4_0, Q4_1 = _core.F32, _core.F16, _core.Q8_0, _core.Q4_0, _core.Q4_1
+DTYPES = {"f32": F32, "f16": F16, "q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1}
+QUANTIZED = (Q8_0, Q4_0, Q4_1)
+QUANTIZED_NAMES = ["q8_0", "q4_0", "q4_1"]
+QUANT_BYTES = {Q4_0: 256, Q4_1: 256, Q8_0: 512}  # quants per 16-row x 32-column tile-block (quants.h)
+SCALES = {Q4_0: 16, Q4_1: 32, Q8_0: 16}  # fp16 values per tile-block: d, and for Q4_1 then m
 TOKEN_COUNTS = (1, 3, 4, 5, 64, 65, 130)  # the backend splits tokens into chunks of 64
 
 
@@ -71,6 +76,26 @@ def np_quantize_q4_0(x: np.ndarray):
     return np.clip(v, 0, 15).astype(np.uint8), d
 
 
+def np_quantize_q4_1(x: np.ndarray):
+    """Weight blocks [..., 32] -> codes 0..15, float32 scales d and mins m: llama.cpp's rule
+    d = (max - min) / 15, m = min, code = trunc((x - m)/d + 0.5) clamped, in float32."""
+    mn, mx = x.min(-1), x.max(-1)
+    d = ((mx - mn) / np.float32(15)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    v = np.trunc((x - mn[..., None]) * inv[..., None] + np.float32(0.5))
+    return np.clip(v, 0, 15).astype(np.uint8), d, mn.astype(np.float32)
+
+
+def np_quantize(dtype: int, blocks: np.ndarray):
+    """(codes, d, m or None) of weight blocks [..., 32]."""
+    if dtype == Q8_0:
+        return np_quantize_q8_0(blocks) + (None,)
+    if dtype == Q4_0:
+        return np_quantize_q4_0(blocks) + (None,)
+    return np_quantize_q4_1(blocks)
+
+
 def np_pack_tiles(dtype: int, w: np.ndarray):
     """The file bytes of a quantized matrix, straight from the layout comment in quants.h:
     (quants, scales) as uint8 / uint16 arrays."""
@@ -79,53 +104,72 @@ def np_pack_tiles(dtype: int, w: np.ndarray):
     padded = np.zeros((tiles * 16, cols), np.float32)
     padded[:rows] = w  # rows past the matrix are quantized zeros
     blocks = padded.reshape(tiles * 16, nb, 32)
+    codes, d, m = np_quantize(dtype, blocks)
     if dtype == Q8_0:
-        codes, d = np_quantize_q8_0(blocks)
         # [tile, row, block, group g, byte j] -> tile, block, g, row, j: byte r*4+j of vector g.
         quants = codes.view(np.uint8).reshape(tiles, 16, nb, 8, 4).transpose(0, 2, 3, 1, 4)
     else:
-        codes, d = np_quantize_q4_0(blocks)
         # column = 16*half + 4v + j; byte r*4+j of vector v holds half 0 low, half 1 high.
         c = codes.reshape(tiles, 16, nb, 2, 4, 4).transpose(0, 2, 4, 1, 5, 3)
         quants = c[..., 0] | (c[..., 1] << 4)
-    scales = d.astype(np.float16).view(np.uint16).reshape(tiles, 16, nb).transpose(0, 2, 1)
+
+    def per_tile_block(v):  # [rows, nb] -> [tile, block, row]
+        return v.astype(np.float16).view(np.uint16).reshape(tiles, 16, nb).transpose(0, 2, 1)
+
+    # Per tile-block: the 16 rows' d, then (Q4_1) the 16 rows' m.
+    scales = per_tile_block(d) if m is None else np.stack([per_tile_block(d), per_tile_block(m)], axis=2)
     return np.ascontiguousarray(quants).reshape(-1), np.ascontiguousarray(scales).reshape(-1)
 
 
 def np_unpack_tiles(dtype: int, quants: np.ndarray, scales: np.ndarray, rows: int, cols: int):
-    """Inverse of the layout: signed codes (weight / d) [rows, cols] and the fp16 scales as
-    float32 [rows, nb]."""
+    """Inverse of the layout: codes [rows, cols] (signed, weight / d, for Q8_0 and Q4_0; the
+    stored nibble 0..15 for Q4_1, weight = d * code + m), the fp16 scales d as float32
+    [rows, nb], and the mins m likewise (Q4_1; None otherwise)."""
     tiles, nb = -(-rows // 16), cols // 32
     if dtype == Q8_0:
         q = quants.view(np.int8).reshape(tiles, nb, 8, 16, 4).transpose(0, 3, 1, 2, 4).astype(np.int32)
     else:
         b = quants.reshape(tiles, nb, 4, 16, 4)
-        q = np.stack([b & 15, b >> 4], -1).transpose(0, 3, 1, 5, 2, 4).astype(np.int32) - 8
+        q = np.stack([b & 15, b >> 4], -1).transpose(0, 3, 1, 5, 2, 4).astype(np.int32) - (8 if dtype == Q4_0 else 0)
     q = q.reshape(tiles * 16, cols)[:rows]
-    d = scales.view(np.float16).astype(np.float32).reshape(tiles, nb, 16).transpose(0, 2, 1).reshape(-1, nb)
-    return q, d[:rows]
+    s = scales.view(np.float16).astype(np.float32).reshape(tiles, nb, SCALES[dtype] // 16, 16)
+    per_row = s.transpose(0, 3, 1, 2).reshape(tiles * 16, nb, -1)[:rows]  # [row, block, d / m]
+    return q, per_row[..., 0], (per_row[..., 1] if dtype == Q4_1 else None)
 
 
 def core_quantize(dtype: int, w: np.ndarray):
+    """The C++ quantizer's bytes for w with llama.cpp's rule ("ref"), the rule the numpy
+    quantizers above restate (the default, "mse", searches for the scales of least error)."""
     rows, cols = w.shape
     tiles, nb = -(-rows // 16), cols // 32
     quants = np.zeros(tiles * nb * QUANT_BYTES[dtype], np.uint8)
-    scales = np.zeros(tiles * nb * 16, np.uint16)
-    _core.quantize_tiles(dtype, np.ascontiguousarray(w, np.float32), quants, scales)
+    scales = np.zeros(tiles * nb * SCALES[dtype], np.uint16)
+    _core.quantize_tiles(dtype, np.ascontiguousarray(w, np.float32), quants, scales, "ref")
     return quants, scales
+
+
+# id(Matrix) -> (Matrix, quants, scales) of every quantized matrix make_matrix built: the
+# references read codes and scales from these bytes, not through the kernels' dequantizer.
+_STORED: dict = {}
 
 
 def make_matrix(dtype: int, w: np.ndarray) -> "_core.Matrix":
     """w stored as dtype; the Matrix keeps its buffer alive."""
     rows, cols = w.shape
     if dtype == F32:
-        buf = np.ascontiguousarray(w, np.float32)
-    elif dtype == F16:
-        buf = w.astype(np.float16).view(np.uint16)
-    else:
-        quants, scales = core_quantize(dtype, w)
-        buf = np.concatenate([quants, scales.view(np.uint8)])
-    return _core.Matrix(buf, 0, dtype, rows, cols)
+        return _core.Matrix(np.ascontiguousarray(w, np.float32), 0, dtype, rows, cols)
+    if dtype == F16:
+        return _core.Matrix(w.astype(np.float16).view(np.uint16), 0, dtype, rows, cols)
+    quants, scales = core_quantize(dtype, w)
+    m = _core.Matrix(np.concatenate([quants, scales.view(np.uint8)]), 0, dtype, rows, cols)
+    _STORED[id(m)] = (m, quants, scales)  # holding m keeps its id unique
+    return m
+
+
+def stored_parts(m: "_core.Matrix"):
+    """(codes, d, m) of a matrix from make_matrix, read from its bytes (np_unpack_tiles)."""
+    _, quants, scales = _STORED[id(m)]
+    return np_unpack_tiles(m.dtype, quants, scales, m.rows, m.cols)
 
 
 def weights_of(m: "_core.Matrix") -> np.ndarray:
@@ -160,19 +204,26 @@ def matmul(backend, m, x, out=None, accumulate=False):
 def matmul_reference(dtype: int, m, x: np.ndarray):
     """(exact result, error bound) per output element, float64, for the operands the kernels
     use: the stored weights, and for quantized weights the int8 activations."""
-    w = weights_of(m)
     if dtype in (F32, F16):
+        w = weights_of(m)
         k = x.shape[1]
         x64 = x.astype(np.float64)
         return x64 @ w.T, (k + 2) * U * (np.abs(x64) @ np.abs(w).T)
-    q, d, _ = np_quantize_act(x)
+    q, d, s = np_quantize_act(x)
     t, k = x.shape
     nb = k // 32
-    # Block terms [nb, T, N]: (sum_k w_k q_k) * da, exact in float64 (w = d16 * code).
+    codes, dw, mins = stored_parts(m)
+    # Block terms [nb, T, N]: (sum_k code_k q_k) * dw * da, exact in float64 (an integer below
+    # 2^16 times an fp16 times a float32 needs at most 51 bits).
     qb = q.reshape(t, nb, 32).transpose(1, 0, 2).astype(np.float64)
-    wb = w.reshape(-1, nb, 32).transpose(1, 2, 0)
-    terms = (qb @ wb) * d.T[:, :, None].astype(np.float64)
-    return terms.sum(0), (nb + 2) * U * np.abs(terms).sum(0)
+    cb = codes.reshape(-1, nb, 32).transpose(1, 2, 0).astype(np.float64)
+    da = d.T[:, :, None].astype(np.float64)
+    terms = (qb @ cb) * dw.T[:, None, :].astype(np.float64) * da
+    if dtype != Q4_1:
+        return terms.sum(0), (nb + 2) * U * np.abs(terms).sum(0)
+    # Q4_1's second term per block: m * sum(q) * da, exact too.
+    min_terms = mins.T[:, None, :].astype(np.float64) * s.T[:, :, None].astype(np.float64) * da
+    return (terms + min_terms).sum(0), (2 * nb + 2) * U * (np.abs(terms) + np.abs(min_terms)).sum(0)
 
 
 def exact_operands(rng, dtype: int, rows: int, k: int, n_tok: int):
@@ -184,24 +235,37 @@ def exact_operands(rng, dtype: int, rows: int, k: int, n_tok: int):
         x = rng.integers(-8, 9, (n_tok, k)).astype(np.float64)
         return w.astype(np.float32), x.astype(np.float32), x @ w.T
     nb = k // 32
+    scale = 2.0 ** rng.integers(-4, -2, (rows, nb, 1))
+    offset = np.zeros((rows, nb, 1))
     if dtype == Q4_0:
         codes = rng.integers(-8, 8, (rows, nb, 32))
         codes[np.arange(rows)[:, None], np.arange(nb), rng.integers(0, 32, (rows, nb))] = -8
+    elif dtype == Q4_1:
+        # Codes 0 and 15 both present fix min and max, so d = (max - min) / 15 is the power of
+        # two chosen; the min is a small multiple of it.
+        codes = rng.integers(0, 16, (rows, nb, 32))
+        ends = np.argsort(rng.random((rows, nb, 32)), -1)[..., :2]
+        np.put_along_axis(codes, ends[..., :1], 0, -1)
+        np.put_along_axis(codes, ends[..., 1:], 15, -1)
+        offset = rng.integers(-15, 1, (rows, nb, 1)) * scale
     else:
         codes = rng.integers(-127, 128, (rows, nb, 32))
         codes[np.arange(rows)[:, None], np.arange(nb), rng.integers(0, 32, (rows, nb))] = 127
-    w = codes * 2.0 ** rng.integers(-4, -2, (rows, nb, 1))
+    w = codes * scale + offset
     a = rng.integers(-127, 128, (n_tok, nb, 32))
     a[np.arange(n_tok)[:, None], np.arange(nb), rng.integers(0, 32, (n_tok, nb))] = -127
     x = a * 2.0 ** rng.integers(-1, 1, (n_tok, nb, 1))
-    terms = np.einsum("rbk,tbk->btr", w, x)  # [nb, T, N]
+    terms = np.einsum("rbk,tbk->btr", codes * scale, x)  # [nb, T, N]
+    if dtype == Q4_1:  # the kernels add the min term after each block's dot term
+        min_terms = np.einsum("rb,tb->btr", offset[..., 0], x.sum(-1))
+        terms = np.stack([terms, min_terms], 1).reshape(2 * nb, n_tok, rows)
     # Every partial sum must be a float32: below 2^24 units of the smallest scale 2^-5.
     assert np.abs(np.cumsum(terms, 0)).max() < 2 ** 24 * 2.0 ** -5
     return w.reshape(rows, k).astype(np.float32), x.reshape(n_tok, k).astype(np.float32), terms.sum(0)
 
 
 def ks_for(dtype: int):
-    return (32, 64, 256, 1056) if dtype in (Q4_0, Q8_0) else (7, 32, 172, 1056)
+    return (32, 64, 256, 1056) if dtype in QUANTIZED else (7, 32, 172, 1056)
 
 
 MATMUL_SHAPES = [(name, rows, k) for name, dt in DTYPES.items() for rows in (1, 17, 100) for k in ks_for(dt)]
@@ -238,7 +302,7 @@ def batch_case(dtype: str, rows: int = 23):
     """A matrix with a partial last tile and 130 tokens of activations."""
     dt = DTYPES[dtype]
     rng = rng_for("batch", dtype, rows)
-    k = 64 if dt in (Q4_0, Q8_0) else 172
+    k = 64 if dt in QUANTIZED else 172
     m = make_matrix(dt, rng.standard_normal((rows, k)).astype(np.float32))
     return m, rng.standard_normal((max(TOKEN_COUNTS), k)).astype(np.float32)
 
@@ -304,10 +368,12 @@ def layout_matrix(rng) -> np.ndarray:
     w[7, 2], w[7, 9] = -3, 3  # two values of largest magnitude: Q4_0 takes the first
     w[8, :32] = 127
     w[8, 1:6] = (2.5, -2.5, 0.5, -0.5, 126.5)  # d = 1: x/d is exactly k + 1/2
+    w[9, :32] = np.arange(32) % 16
+    w[9, 2:6] = (0.5, 7.5, 14.5, 3.5)  # Q4_1: min 0, max 15, so d = 1 and these are ties
     return w
 
 
-@pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("dtype", QUANTIZED_NAMES)
 def test_quantize_tiles_matches_layout_byte_for_byte(dtype):
     dt = DTYPES[dtype]
     w = layout_matrix(rng_for("layout", dtype))
@@ -315,30 +381,56 @@ def test_quantize_tiles_matches_layout_byte_for_byte(dtype):
     want_q, want_s = np_pack_tiles(dt, w)
     np.testing.assert_array_equal(quants, want_q)
     np.testing.assert_array_equal(scales, want_s)
-    # The padding rows 37..47 of the last tile hold quantized zeros: code 0 (Q8_0) or nibble 8
-    # (Q4_0, byte 0x88), scale +0.
-    q, d = np_unpack_tiles(dt, quants, scales, 48, 96)
+    # The padding rows 37..47 of the last tile hold quantized zeros: code 0 (Q8_0, and Q4_1
+    # whose zero block has min 0 and d 0: byte 0x00) or nibble 8 (Q4_0, byte 0x88), scale +0.
+    q, d, m = np_unpack_tiles(dt, quants, scales, 48, 96)
     assert np.all(q[37:] == 0) and np.all(d[37:].view(np.uint32) == 0)
-    assert dt == Q8_0 or np.all(quants.reshape(3, 3, 4, 16, 4)[2, :, :, 5:] == 0x88)
+    assert m is None or np.all(m[37:].view(np.uint32) == 0)
+    padding = quants.reshape(3, 3, 4, 16, 4)[2, :, :, 5:] if dt != Q8_0 else None
+    assert padding is None or np.all(padding == (0x88 if dt == Q4_0 else 0x00))
     assert _core.matrix_bytes(dt, 37, 96) == quants.nbytes + scales.nbytes
 
 
-@pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("dtype", QUANTIZED_NAMES)
+def test_gguf_block_packing_matches_quantize_tiles(dtype):
+    """convert/tiles.py repacks GGUF's blocks (codes and fp16 scales as the file holds them)
+    into the tile layout without requantizing: from the same codes and scales it must write
+    exactly the bytes of the C++ quantizer."""
+    from llamacpu.convert.tiles import pack_q4, pack_q8
+
+    dt = DTYPES[dtype]
+    w = layout_matrix(rng_for("pack", dtype))
+    codes, d, m = np_quantize(dt, w.reshape(37, 3, 32))
+    codes = codes.reshape(37, 96)
+    d16 = d.astype(np.float16).view(np.uint16)
+    if dt == Q8_0:
+        got_q, got_s = pack_q8(codes, d16)
+    else:
+        got_q, got_s = pack_q4(codes, d16, None if m is None else m.astype(np.float16).view(np.uint16))
+    quants, scales = core_quantize(dt, w)
+    assert got_q == quants.tobytes()
+    assert got_s == scales.tobytes()
+
+
+@pytest.mark.parametrize("dtype", QUANTIZED_NAMES)
 def test_dequantize_row_reads_the_layout(dtype):
     dt = DTYPES[dtype]
     w = layout_matrix(rng_for("deq", dtype))
     quants, scales = core_quantize(dt, w)
-    m = _core.Matrix(np.concatenate([quants, scales.view(np.uint8)]), 0, dt, *w.shape)
-    q, d = np_unpack_tiles(dt, quants, scales, *w.shape)
-    want = (np.repeat(d, 32, axis=1) * q).astype(np.float32)
-    np.testing.assert_array_equal(weights_of(m).astype(np.float32), want)
+    mat = _core.Matrix(np.concatenate([quants, scales.view(np.uint8)]), 0, dt, *w.shape)
+    q, d, m = np_unpack_tiles(dt, quants, scales, *w.shape)
+    want = (np.repeat(d, 32, axis=1) * q).astype(np.float32)  # exact: fp16 times a small integer
+    if m is not None:
+        want = want + np.repeat(m, 32, axis=1)  # one float32 rounding, as d * q + m
+    np.testing.assert_array_equal(weights_of(mat).astype(np.float32), want)
 
 
-@pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("dtype", QUANTIZED_NAMES)
 def test_quantize_round_trip_error_bound(dtype):
     """Q8_0: |x - x'| <= d/2 per block. Q4_0 (d = mx/-8, codes -8..7): d/2, except values of
     the sign opposite to mx beyond 7.5 d, which clamp to code 7: error up to d (llama.cpp
-    behaves the same). Both also carry the fp16 rounding of d, times the code."""
+    behaves the same). Q4_1 (d = (max - min)/15, codes 0..15 from min): d/2. All also carry
+    the fp16 rounding of d, times the code, and Q4_1 that of the min."""
     dt = DTYPES[dtype]
     rng = rng_for("roundtrip", dtype)
     # Magnitudes 1e-2 .. 1e3 keep every fp16 scale a normal number.
@@ -349,6 +441,10 @@ def test_quantize_round_trip_error_bound(dtype):
     if dt == Q8_0:
         d = np.abs(blocks).max(-1, keepdims=True) / 127
         allowed = d / 2 * (1 + 1e-5) + 127 * np.abs(d - d.astype(np.float16))
+    elif dt == Q4_1:
+        mn = blocks.min(-1, keepdims=True)
+        d = (blocks.max(-1, keepdims=True) - mn) / 15
+        allowed = d / 2 * (1 + 1e-5) + 15 * np.abs(d - d.astype(np.float16)) + np.abs(mn - mn.astype(np.float16))
     else:
         idx = np.abs(blocks).argmax(-1)[..., None]
         d = np.take_along_axis(blocks, idx, -1) / -8  # signed

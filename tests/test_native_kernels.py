@@ -24,23 +24,29 @@ COMMON = ["-std=c++17", "-O2", "-ffp-contract=off", "-fno-math-errno", f"-I{CSRC
 
 
 class X86Table:
-    def __init__(self, symbol, define, source, flags, cpu_flags=(), needs_header=None):
+    def __init__(self, symbol, define, sources, flags, cpu_flags=(), needs_header=None):
         self.symbol = symbol  # the KernelTable to check
         self.define = define  # what makes kernels.h declare it
-        self.source = source
+        self.sources = sources  # its units: kernels_*.cpp and the K-quant kernels kquants_*.cpp
         self.flags = flags  # that unit's own flags, as in CMakeLists.txt
         self.cpu_flags = cpu_flags  # _core.cpu_features() keys this CPU needs
         self.needs_header = needs_header
 
 
 X86_TABLES = {
-    "avx2": X86Table("kAvx2Kernels", "LLAMACPU_HAVE_AVX2", "kernels_avx2.cpp",
+    "avx2": X86Table("kAvx2Kernels", "LLAMACPU_HAVE_AVX2", ("kernels_avx2.cpp", "kquants_avx2.cpp"),
                      ["-mavx2", "-mfma", "-mf16c"], ("avx2", "fma", "f16c")),
-    "avx512": X86Table("kAvx512Kernels", "LLAMACPU_HAVE_AVX512", "kernels_avx512.cpp",
+    "avx512": X86Table("kAvx512Kernels", "LLAMACPU_HAVE_AVX512", ("kernels_avx512.cpp", "kquants_avx512.cpp"),
                        ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma", "-mf16c"],
                        ("avx512f", "avx512bw", "avx512vl", "avx512vnni", "fma", "f16c")),
+    # The AVX-512 code through SIMDe, built with FMA so that SIMDe's fused multiply-adds are
+    # fused as the real instructions are: bitwise checks of the AVX-512 logic on AVX2 machines.
+    "avx512-emu": X86Table("kAvx512EmuKernels", "LLAMACPU_HAVE_AVX512_EMU",
+                           ("kernels_avx512_emu.cpp", "kquants_avx512_emu.cpp"), ["-O1", "-mavx2", "-mfma", "-mf16c"],
+                           ("avx2", "fma", "f16c"), needs_header="simde/x86/avx512.h"),
     # The NEON code through SIMDe (CMakeLists.txt builds the emulated units at -O1).
-    "neon-emu": X86Table("kNeonEmuKernels", "LLAMACPU_HAVE_NEON_EMU", "kernels_neon_emu.cpp", ["-O1"],
+    "neon-emu": X86Table("kNeonEmuKernels", "LLAMACPU_HAVE_NEON_EMU", ("kernels_neon_emu.cpp", "kquants_neon_emu.cpp"),
+                         ["-O1"],
                          needs_header="simde/arm/neon.h"),
 }
 
@@ -65,7 +71,7 @@ def check_output(result):
         pytest.skip(result.stdout.strip() or result.stderr.strip())
     assert result.returncode == 0, f"kernel_check found mismatches:\n{result.stdout}{result.stderr}"
     lines = [line for line in result.stdout.splitlines() if line.startswith("  ")]
-    assert len(lines) == 12 and all(" ok " in line for line in lines), result.stdout
+    assert len(lines) == 15 and all(" ok " in line for line in lines), result.stdout
 
 
 @pytest.mark.parametrize("name", sorted(X86_TABLES))
@@ -89,16 +95,18 @@ def test_x86_table_matches_scalar(name, tmp_path):
     defines = [f"-D{table.define}", f"-DCHECK_TABLE={table.symbol}"]
     units = {
         NATIVE / "kernel_check.cpp": ["-O1"],  # the checker itself need not be fast to build or run
-        CSRC / table.source: table.flags,
+        **{CSRC / src: table.flags for src in table.sources},
         CSRC / "kernels_scalar.cpp": [],
+        CSRC / "kquants_scalar.cpp": [],
         CSRC / "quantize.cpp": [],
+        CSRC / "kquants_quantize.cpp": [],
         CSRC / "cpu.cpp": [],
     }
     objects = [tmp_path / f"{src.stem}.o" for src in units]
     compile_all(cxx, [[cxx, *COMMON, *defines, *flags, "-c", str(src), "-o", str(obj)]
                       for (src, flags), obj in zip(units.items(), objects)], tmp_path)
     exe = tmp_path / "kernel_check"
-    compile_all(cxx, [[cxx, "-o", str(exe), *map(str, objects)]], tmp_path)
+    compile_all(cxx, [[cxx, "-pthread", "-o", str(exe), *map(str, objects)]], tmp_path)
     check_output(subprocess.run([str(exe)], capture_output=True, text=True, timeout=300))
 
 

@@ -60,24 +60,31 @@ def weight_bytes_per_token(llm) -> int:
 
 
 def run_bench(model: str, threads=None, n_prompt: int = 512, n_gen: int = 128, reps: int = 3, isa=None,
-              cold: bool = True, max_others: float = 0.15, max_retries: int = 4, log=print) -> dict:
+              cold: bool = True, max_others: float = 0.15, max_retries: int = 4, log=print, n_batch: int = 64) -> dict:
     from .llama import Llama
 
     n_ctx = max(n_prompt + n_gen + 8, 256)
     if cold:
         evict(model)
     t0 = time.perf_counter()
-    llm = Llama(model, n_ctx=n_ctx, n_threads=threads, isa=isa, n_batch=n_prompt, seed=0)
+    llm = Llama(model, n_ctx=n_ctx, n_threads=threads, isa=isa, n_batch=n_batch, seed=0)
     load_cold = time.perf_counter() - t0
     llm.close()
     del llm
     gc.collect()
     t0 = time.perf_counter()
-    llm = Llama(model, n_ctx=n_ctx, n_threads=threads, isa=isa, n_batch=n_prompt, seed=0)
+    llm = Llama(model, n_ctx=n_ctx, n_threads=threads, isa=isa, n_batch=n_batch, seed=0)
     load_warm = time.perf_counter() - t0
     m = llm._model
     rng = np.random.default_rng(0)
     prompt = np.concatenate([[llm.token_bos()], rng.integers(100, llm.n_vocab, n_prompt - 1)]).astype(np.int32)
+
+    def prefill(tokens):
+        # As the API does it: in batches of n_batch tokens.
+        logits = None
+        for i in range(0, len(tokens), m.n_batch):
+            logits = m.forward(tokens[i:i + m.n_batch], i)
+        return logits
 
     def greedy(start_pos, logits, n):
         # The Python loop of a generated token: argmax, then one forward step.
@@ -94,7 +101,7 @@ def run_bench(model: str, threads=None, n_prompt: int = 512, n_gen: int = 128, r
     while len(pp) < reps and attempts < reps + max_retries:
         attempts += 1
         s0 = _cpu_snap()
-        logits = m.forward(prompt, 0)
+        logits = prefill(prompt)
         s1 = _cpu_snap()
         r_pp = n_prompt / (s1[0] - s0[0])
         logits = m.forward(prompt[:1], 0)
@@ -119,7 +126,7 @@ def run_bench(model: str, threads=None, n_prompt: int = 512, n_gen: int = 128, r
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     r = {
         "model": os.path.basename(model), "file_mib": os.path.getsize(model) / 2**20,
-        "threads": llm.n_threads, "isa": llm.isa, "n_prompt": n_prompt, "n_gen": n_gen,
+        "threads": llm.n_threads, "isa": llm.isa, "n_prompt": n_prompt, "n_gen": n_gen, "n_batch": m.n_batch,
         "pp_tps": statistics.median(pp), "tg_tps": statistics.median(tg), "pp_all": pp, "tg_all": tg,
         "load_s": load_warm, "load_cold_s": load_cold, "load_warm_s": load_warm,
         "peak_rss_mib": peak, "kv_cache_mib": m.cache.bytes / 2**20,

@@ -64,10 +64,13 @@ def build_parser():
     c.add_argument("source", help="checkpoint folder (Meta or Hugging Face layout) or GGUF file")
     c.add_argument("out", help="output model file")
     c.add_argument("--dtype", default=None,
-                   help="weight type: q4_0, q4_1, q8_0, f16, f32 (default: q4_0 for a checkpoint; "
-                        "for a GGUF file its own types, carried over without re-quantizing)")
+                   help="weight type: q4_0, q4_1, q8_0, q4_k_m (llama.cpp's Q4_K_M mix of q4_k and q6_k), "
+                        "q4_k, q6_k, f16, f32 (default: q4_0 for a checkpoint; for a GGUF file its own types, "
+                        "carried over without re-quantizing)")
     c.add_argument("--template", default=None, help="chat template to record: llama-2, chatml, plain")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.add_argument("--no-verify", action="store_true",
+                   help="skip the quality probe (KL divergence and top-1 agreement against the float weights)")
 
     g = sub.add_parser("generate", help="continue a prompt, streaming the text")
     g.add_argument("model")
@@ -87,9 +90,19 @@ def build_parser():
     b.add_argument("--prompt", type=_positive_int, default=512, help="prompt tokens (default 512)")
     b.add_argument("--gen", type=_positive_int, default=128, help="generated tokens (default 128)")
     b.add_argument("--reps", type=_positive_int, default=3, help="repetitions, the median is reported (default 3)")
+    b.add_argument("--batch", type=_positive_int, default=64, help="prompt tokens per forward pass (default 64)")
     b.add_argument("--isa", default=None, help="force an instruction-set path")
     b.add_argument("--no-cold", action="store_true", help="skip evicting the file before the first load")
     b.add_argument("--json", action="store_true", help="also print one JSON object as the last line")
+
+    pp = sub.add_parser("perplexity", help="perplexity on a text file, computed as llama.cpp does")
+    pp.add_argument("model")
+    pp.add_argument("text", help="UTF-8 text file (e.g. wikitext-2's wiki.test.raw)")
+    pp.add_argument("-c", "--ctx", type=_positive_int, default=512, help="tokens per chunk (default 512)")
+    pp.add_argument("--chunks", type=_positive_int, default=None, help="score at most this many chunks (default all)")
+    pp.add_argument("-t", "--threads", type=_positive_int, default=None, help="threads (default: physical cores)")
+    pp.add_argument("--isa", default=None, help="force an instruction-set path")
+    pp.add_argument("--json", action="store_true", help="also print one JSON object as the last line")
 
     pl = sub.add_parser("pull", help="fetch and convert a known model into the cache")
     pl.add_argument("name", nargs="?", default=None, help="model name (default: smollm2)")
@@ -132,11 +145,14 @@ def cmd_convert(args):
     t0 = time.monotonic()
     with open_source(args.source) as ck:
         info = convert_checkpoint(ck, args.out, args.dtype, progress=False if args.no_progress else None,
-                                  chat_template=args.template)
+                                  chat_template=args.template, verify=not args.no_verify)
     mb = info["bytes"] / 2**20
     types = ", ".join(f"{n} {t}" for t, n in sorted(info["types"].items()))
     print(f"wrote {args.out}: {mb:.1f} MiB, {info['params'] / 1e6:.1f}M parameters ({types}) "
           f"in {time.monotonic() - t0:.1f}s", file=sys.stderr)
+    probe = info.get("quality")
+    for line in probe.lines() if probe else ():
+        print(f"llamacpu: {line}" if line.startswith("warning") else line, file=sys.stderr)
     return 0
 
 
@@ -230,7 +246,7 @@ def cmd_chat(args):
 
 def cmd_info(args):
     from . import _core
-    from .fileformat import MappedModelFile
+    from .fileformat import MappedModelFile, tensor_bytes
     from .sysinfo import default_threads
 
     from .registry import resolve
@@ -247,14 +263,19 @@ def cmd_info(args):
             for d in t.shape:
                 n *= d
             params += n
-            types.setdefault(t.dtype, [0, 0])
-            types[t.dtype][0] += 1
-            types[t.dtype][1] += t.size
+            # A fused tensor stored as row segments counts under each segment's type.
+            stored = ([(dt, tensor_bytes(dt, (rows, t.shape[1]))) for rows, dt, _ in t.segments] if t.segments
+                      else [(t.dtype, t.size)])
+            for dtype, size in stored:
+                types.setdefault(dtype, [0, 0])
+                types[dtype][0] += 1
+                types[dtype][1] += size
         out = sys.stdout
         print(f"file:          {args.model} ({mf.size / 2**20:.1f} MiB)", file=out)
         print(f"quantization:  {meta.extra.get('quantization', '?')}, "
               f"{8 * sum(v[1] for v in types.values()) / params:.2f} bits per weight", file=out)
-        print(f"source:        {meta.extra.get('source', {}).get('layout', '?')}", file=out)
+        source = meta.extra.get("source")
+        print(f"source:        {source.get('layout', '?') if isinstance(source, dict) else '?'}", file=out)
         print(f"parameters:    {params / 1e6:.1f}M", file=out)
         for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab_size", "norm_eps",
                     "rope_theta", "max_seq_len", "tied_output"):
@@ -310,12 +331,28 @@ def cmd_bench(args):
     from .bench import print_report, run_bench
 
     r = run_bench(args.model, args.threads, args.prompt, args.gen, args.reps, args.isa, cold=not args.no_cold,
-                  log=lambda s: print(s, file=sys.stderr))
+                  log=lambda s: print(s, file=sys.stderr), n_batch=args.batch)
     print_report(r, args.json)
     return 0
 
 
-COMMANDS = {"bench": cmd_bench, "pull": cmd_pull, "list": cmd_list, "convert": cmd_convert, "generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}
+def cmd_perplexity(args):
+    import json
+
+    from .llama import Llama
+    from .perplexity import ProgressLine, describe, perplexity, read_text
+    from .registry import resolve
+
+    text = read_text(args.text)
+    with Llama(resolve(args.model, _log), n_ctx=args.ctx, n_threads=args.threads, isa=args.isa) as llm:
+        r = perplexity(llm, text, args.ctx, args.chunks, on_chunk=ProgressLine())
+        print(describe(r))
+        if args.json:
+            print(json.dumps(dict(r.to_dict(), model=llm.model_path, isa=llm.isa, threads=llm.n_threads)))
+    return 0
+
+
+COMMANDS = {"perplexity": cmd_perplexity, "bench": cmd_bench, "pull": cmd_pull, "list": cmd_list, "convert": cmd_convert, "generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}
 
 
 def main(argv=None) -> int:

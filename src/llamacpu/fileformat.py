@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +36,18 @@ MAX_META_BYTES = 64 << 20
 MAX_TENSORS = 1 << 16
 
 # Storage types, with the ids csrc/quants.h uses.
-DTYPES = {"f32": 0, "f16": 1, "q8_0": 2, "q4_0": 3, "q4_1": 4}
+DTYPES = {"f32": 0, "f16": 1, "q8_0": 2, "q4_0": 3, "q4_1": 4, "q4_k": 5, "q6_k": 6}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 TILE_ROWS = 16
 BLOCK = 32
+SUPER_BLOCK = 256  # the K types' super-block (csrc/kquants.h)
 _TILE_BLOCK_BYTES = {"q8_0": 512 + 32, "q4_0": 256 + 32, "q4_1": 256 + 64}
+_TILE_SUPER_BLOCK_BYTES = {"q4_k": 2048 + 256, "q6_k": 3072 + 288}
+# A fused tensor (q/k/v, gate/up) may store its rows as segments of different types: dtype
+# MIXED, and "segments" [[rows, dtype], ...], each a matrix of its own at a 64-byte aligned
+# offset inside the tensor's extent.
+MIXED = "mixed"
+MAX_SEGMENTS = 16
 
 
 def align(n: int, a: int) -> int:
@@ -57,11 +65,37 @@ def tensor_bytes(dtype: str, shape: tuple) -> int:
         for d in shape:
             n *= d
         return n * (4 if dtype == "f32" else 2)
-    if len(shape) != 2 or shape[1] % BLOCK:
-        raise ValueError(f"{dtype} needs a 2-D shape with a multiple of {BLOCK} columns, got {shape}")
+    unit = SUPER_BLOCK if dtype in _TILE_SUPER_BLOCK_BYTES else BLOCK
+    if len(shape) != 2 or shape[1] % unit:
+        raise ValueError(f"{dtype} needs a 2-D shape with a multiple of {unit} columns, got {shape}")
     rows, cols = shape
     tiles = (rows + TILE_ROWS - 1) // TILE_ROWS
-    return tiles * (cols // BLOCK) * _TILE_BLOCK_BYTES[dtype]
+    per_unit = _TILE_SUPER_BLOCK_BYTES[dtype] if unit == SUPER_BLOCK else _TILE_BLOCK_BYTES[dtype]
+    return tiles * (cols // unit) * per_unit
+
+
+def segment_layout(segments, shape) -> tuple:
+    """([(rows, dtype, offset within the tensor, bytes)], total bytes) of a tensor stored as row
+    segments [(rows, dtype), ...]. Raises ValueError if they do not make up the shape."""
+    if not isinstance(segments, (list, tuple)) or not 2 <= len(segments) <= MAX_SEGMENTS:
+        raise ValueError(f"segments must be a list of 2 to {MAX_SEGMENTS} [rows, dtype] pairs")
+    if not shape or len(shape) != 2:
+        raise ValueError(f"a segmented tensor must be 2-D, got {shape!r}")
+    out, off, total_rows = [], 0, 0
+    for seg in segments:
+        if not isinstance(seg, (list, tuple)) or len(seg) != 2:
+            raise ValueError("each segment must be [rows, dtype]")
+        rows, dtype = seg
+        if dtype == MIXED or not isinstance(dtype, str):
+            raise ValueError(f"bad segment type {dtype!r}")
+        size = tensor_bytes(dtype, (rows, shape[1]))  # checks rows and dtype too
+        off = align(off, TENSOR_ALIGN)
+        out.append((rows, dtype, off, size))
+        off += size
+        total_rows += rows
+    if total_rows != shape[0]:
+        raise ValueError(f"segments hold {total_rows} rows, the shape {list(shape)} needs {shape[0]}")
+    return out, off
 
 
 @dataclass
@@ -71,6 +105,7 @@ class TensorInfo:
     shape: tuple
     offset: int  # absolute, in the file
     size: int
+    segments: Optional[tuple] = None  # dtype MIXED: ((rows, dtype, absolute offset), ...)
 
 
 @dataclass
@@ -98,9 +133,7 @@ def parse(buf, path: str, file_size: int) -> ModelMeta:
         _fail(path, f"too small to be a llamacpu model file ({file_size} bytes)")
     magic, version, flags, meta_off, meta_size, data_off, data_size, _ = HEADER.unpack_from(buf, 0)
     if magic != MAGIC:
-        if bytes(buf[:4]) == b"GGUF":
-            _fail(path, "is a GGUF file; convert it first: llamacpu convert MODEL.gguf OUT.bin")
-        _fail(path, "not a llamacpu model file (bad magic)")
+        _fail(path, _not_ours(bytes(buf[:16])))
     if version != VERSION:
         _fail(path, f"file format version {version} is not supported (this llamacpu reads version {VERSION})")
     if meta_off != HEADER.size or meta_size == 0 or meta_size > MAX_META_BYTES:
@@ -111,7 +144,7 @@ def parse(buf, path: str, file_size: int) -> ModelMeta:
         _fail(path, "truncated or damaged (data section outside the file)")
     try:
         meta = json.loads(bytes(buf[meta_off:meta_off + meta_size]).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: [[[[...
         _fail(path, f"damaged metadata ({type(e).__name__})")
     if not isinstance(meta, dict):
         _fail(path, "damaged metadata (not an object)")
@@ -144,8 +177,12 @@ def parse(buf, path: str, file_size: int) -> ModelMeta:
         if not isinstance(shape, list):
             _fail(path, f"damaged metadata (tensor {name!r} has no shape)")
         shape = tuple(shape)
+        layout = None
         try:
-            want = tensor_bytes(dtype, shape)
+            if dtype == MIXED:
+                layout, want = segment_layout(e.get("segments"), shape)
+            else:
+                want = tensor_bytes(dtype, shape)
         except ValueError as err:
             _fail(path, f"damaged metadata (tensor {name!r}: {err})")
         off, size = extent(e, f"tensor {name!r}")
@@ -153,17 +190,45 @@ def parse(buf, path: str, file_size: int) -> ModelMeta:
             _fail(path, f"damaged metadata (tensor {name!r} has {size} bytes, its shape needs {want})")
         if name in tensors:
             _fail(path, f"damaged metadata (tensor {name!r} listed twice)")
-        tensors[name] = TensorInfo(name, dtype, shape, off, size)
+        segments = tuple((rows, dt, off + o) for rows, dt, o, _ in layout) if layout else None
+        tensors[name] = TensorInfo(name, dtype, shape, off, size, segments)
 
     tok = dict(section("tokenizer", dict))
     if not isinstance(tok.get("kind"), str):
         _fail(path, "damaged metadata (tokenizer kind)")
     tok["offset"], tok["size"] = extent(tok, "tokenizer")
+    _check_disjoint(path, list(tensors.values()), tok)
     template = meta.get("chat_template")
     if template is not None and not isinstance(template, str):
         _fail(path, "damaged metadata (chat_template)")
     extra = {k: v for k, v in meta.items() if k not in ("config", "tensors", "tokenizer", "chat_template")}
     return ModelMeta(config, tensors, tok, template, extra)
+
+
+def _not_ours(head: bytes) -> str:
+    """Why a file is not a llamacpu model file, naming what it looks like instead."""
+    if head[:4] == b"GGUF":
+        return "is a GGUF file; convert it first: llamacpu convert MODEL.gguf OUT.bin"
+    if head[:4] == b"PK\x03\x04":
+        return ("is a zip archive (a PyTorch checkpoint?), not a llamacpu model file; convert the "
+                "checkpoint folder with `llamacpu convert`")
+    if len(head) >= 10 and head[8:10] == b'{"' and int.from_bytes(head[:8], "little") < 1 << 30:
+        return ("is a safetensors file, not a llamacpu model file; convert the checkpoint folder "
+                "with `llamacpu convert`")
+    if head[:1] == b"\x80":
+        return "is a pickle (a legacy PyTorch checkpoint?), not a llamacpu model file"
+    return "not a llamacpu model file (bad magic)"
+
+
+def _check_disjoint(path, tensors: list, tok: dict) -> None:
+    """The writer lays tensors and the tokenizer out one after the other. Overlapping extents
+    would let a small file claim a huge model (every layer on the same bytes), and with it a
+    KV cache and buffers of any size."""
+    spans = sorted([(t.offset, t.size, f"tensor {t.name!r}") for t in tensors]
+                   + [(tok["offset"], tok["size"], "the tokenizer")])
+    for (a_off, a_size, a), (b_off, _, b) in zip(spans, spans[1:]):
+        if b_off < a_off + a_size:
+            _fail(path, f"damaged metadata ({b} overlaps {a})")
 
 
 def expected_tensors(cfg: ModelConfig) -> dict:
@@ -194,11 +259,15 @@ class MappedModelFile:
         if p.is_dir():
             raise ModelFileError(f"{path}: is a folder, not a model file (convert a checkpoint folder with `llamacpu convert`)")
         try:
-            fd = os.open(self.path, os.O_RDONLY)
+            # Non-blocking, so that a FIFO given as the model cannot hang the open.
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         except OSError as e:
             raise ModelNotFoundError(f"{path}: cannot open ({e.strerror})") from None
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                _fail(path, "not a regular file")
+            size = st.st_size
             if size < HEADER.size:
                 _fail(path, f"too small to be a llamacpu model file ({size} bytes)")
             self.mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
@@ -243,7 +312,8 @@ def write_model_file(out_path, meta: dict, tensors: list, tokenizer_blob: bytes,
     """Writes a model file atomically (a temporary file renamed into place when complete).
 
     meta: the JSON-able metadata without "tensors"; tensors: [(name, dtype, shape)] in file
-    order; fill(name, f, base_offset) writes that tensor's bytes into the open file f at
+    order, or (name, MIXED, shape, [(rows, dtype), ...]) for a tensor stored as row segments
+    (segment_layout places them); fill(name, f, base_offset) writes that tensor's bytes into the open file f at
     base_offset (absolute) and may report progress. On any error or interruption the
     temporary file is removed and an existing out_path is left untouched.
     """
@@ -257,9 +327,14 @@ def write_model_file(out_path, meta: dict, tensors: list, tokenizer_blob: bytes,
         raise ModelFileError(f"{out_path}: is a folder; give a file name for the output")
 
     entries, off = [], 0
-    for name, dtype, shape in tensors:
-        size = tensor_bytes(dtype, tuple(shape))
-        entries.append({"name": name, "dtype": dtype, "shape": list(shape), "offset": off, "size": size})
+    for name, dtype, shape, *segments in tensors:
+        entry = {"name": name, "dtype": dtype, "shape": list(shape), "offset": off}
+        if dtype == MIXED:
+            entry["segments"] = [[rows, dt] for rows, dt in segments[0]]
+            size = segment_layout(entry["segments"], tuple(shape))[1]
+        else:
+            size = tensor_bytes(dtype, tuple(shape))
+        entries.append(dict(entry, size=size))
         off = align(off + size, TENSOR_ALIGN)
     tok_off = off
     data_size = tok_off + len(tokenizer_blob)

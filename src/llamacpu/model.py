@@ -64,7 +64,7 @@ def rope_rows(freqs: np.ndarray, positions: np.ndarray) -> np.ndarray:
 
 
 class Transformer:
-    def __init__(self, mf: MappedModelFile, backend: "_core.Backend", n_ctx: int, n_batch: int = 512,
+    def __init__(self, mf: MappedModelFile, backend: "_core.Backend", n_ctx: int, n_batch: int = 64,
                  kv_f16: Optional[bool] = None):
         self.cfg = cfg = mf.meta.config
         self.backend = backend
@@ -74,6 +74,9 @@ class Transformer:
 
         def matrix(name):
             t = tensors[name]
+            if t.segments:  # rows stored in segments of different types: one matrix all the same
+                return _core.Matrix.stacked([_core.Matrix(mf.mm, off, DTYPES[dt], rows, t.shape[1])
+                                             for rows, dt, off in t.segments])
             return _core.Matrix(mf.mm, t.offset, DTYPES[t.dtype], t.shape[0], t.shape[1])
 
         def vector(name):
@@ -103,7 +106,9 @@ class Transformer:
         self.att = np.zeros((B, qd), np.float32)
         self.gu = np.zeros((B, 2 * cfg.ffn_dim), np.float32)
         self.hb = np.zeros((B, cfg.ffn_dim), np.float32)
-        self.logits = np.zeros((B, cfg.vocab_size), np.float32)
+        # Logits of one token; all_logits passes get a [n_batch, vocab] buffer when first asked.
+        self.logits = np.zeros((1, cfg.vocab_size), np.float32)
+        self.all_logits = None
         self.tokens = np.zeros(B, np.int32)
         self.pos = np.zeros(B, np.int32)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
@@ -127,7 +132,7 @@ class Transformer:
                 self._plans = {k: p for k, p in self._plans.items() if k[0] == 1}
             self._plans[key] = plan
         self.backend.run(plan)
-        return self.logits[:n] if all_logits else self.logits[0]
+        return self.all_logits[:n] if all_logits else self.logits[0]
 
     def _record(self, n: int, all_logits: bool):
         plan = _core.Plan()
@@ -163,10 +168,14 @@ class Transformer:
             b.silu_mul(gu, hb)
             b.matmul(L.w2, hb, x, True)
 
-        rows = slice(0, n) if all_logits else slice(n - 1, n)
-        m = n if all_logits else 1
-        b.rmsnorm(x[rows], self.norm, cfg.norm_eps, self.xb[:m])
-        b.matmul(self.output, self.xb[:m], self.logits[:m])
+        if all_logits:
+            if self.all_logits is None:
+                self.all_logits = np.zeros((self.n_batch, cfg.vocab_size), np.float32)
+            b.rmsnorm(x, self.norm, cfg.norm_eps, xb)
+            b.matmul(self.output, xb, self.all_logits[:n])
+        else:
+            b.rmsnorm(x[n - 1:n], self.norm, cfg.norm_eps, self.xb[:1])
+            b.matmul(self.output, self.xb[:1], self.logits)
 
     def shift(self, keep: int, discard: int, used: int) -> None:
         """Context shift: forget cache positions [keep, keep+discard), move the rest down."""

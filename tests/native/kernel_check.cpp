@@ -7,14 +7,16 @@
 //   -DCHECK_TABLE=kNeonKernels -DLLAMACPU_HAVE_NEON        kernels_neon.cpp (aarch64)
 //   -DCHECK_TABLE=kNeonEmuKernels -DLLAMACPU_HAVE_NEON_EMU kernels_neon_emu.cpp (SIMDe)
 //
-// linked with kernels_scalar.cpp, quantize.cpp and cpu.cpp, all compiled with -ffp-contract=off
+// plus the table's kquants_*.cpp unit (same flags), linked with kernels_scalar.cpp,
+// kquants_scalar.cpp, quantize.cpp, kquants_quantize.cpp and cpu.cpp, all compiled with -ffp-contract=off
 // as CMakeLists.txt does (otherwise the compiler may fuse the reference's own mul + add).
 //
 // What "agree" means per kernel:
 //  - quantize_row_q8 and the f16 conversions: bit for bit (NaN only has to stay NaN).
 //  - quantized matmuls: bit for bit equal to the per-row arithmetic every SIMD path promises
-//    (exact integer dot per block, then acc = fma(dot, d_w * d_a, acc) in block order), and
-//    within rounding of the scalar path, which multiplies and adds separately.
+//    (exact integer dot per block, then acc = fma(dot, d_w * d_a, acc) in block order, and for
+//    Q4_1 then acc = fma(m_w, float(sum a) * d_a, acc)), and within rounding of the scalar
+//    path, which multiplies and adds separately.
 //  - everything else: within an error bound derived from the magnitudes of its sums.
 // Outputs a kernel must not write (other tiles, padding rows, the gaps of a stride) must keep
 // their initial bits.
@@ -32,6 +34,7 @@
 
 #include "cpu.h"
 #include "kernels.h"
+#include "kquants.h"
 #include "quantize.h"
 #include "quants.h"
 
@@ -130,15 +133,21 @@ struct QMatrix {
     int64_t nb() const { return k / kBlock; }
     int64_t quant_bytes() const { return n_tiles(rows) * nb() * tile_block_quant_bytes(type); }
     uint16_t* scales() { return reinterpret_cast<uint16_t*>(bytes.data() + quant_bytes()); }
+    // fp16 values per tile-block: 16 scales d, and for Q4_1 then 16 mins m.
+    int64_t scale_stride() const { return type == kQ4_1 ? 2 * kTileRows : kTileRows; }
+    int64_t n_scales() const { return n_tiles(rows) * nb() * scale_stride(); }
     const uint8_t* tile_block(int64_t t, int64_t b) const {
         return bytes.data() + (t * nb() + b) * tile_block_quant_bytes(type);
     }
-    float scale(int64_t n, int64_t b) const {
+    // Entry `which` (0: d, 1: m) of row n's scales for block b.
+    float scale_entry(int64_t n, int64_t b, int which) const {
         const uint16_t* s = reinterpret_cast<const uint16_t*>(bytes.data() + quant_bytes());
-        return fp16_to_fp32(s[((n / kTileRows) * nb() + b) * kTileRows + n % kTileRows]);
+        return fp16_to_fp32(s[((n / kTileRows) * nb() + b) * scale_stride() + which * kTileRows + n % kTileRows]);
     }
+    float scale(int64_t n, int64_t b) const { return scale_entry(n, b, 0); }
+    float min(int64_t n, int64_t b) const { return scale_entry(n, b, 1); }
     // The quant of row n, column c of block b, read from the layout as quants.h describes
-    // it (independently of the kernels): Q4_0 as the stored nibble 0..15.
+    // it (independently of the kernels): Q4_0 and Q4_1 as the stored nibble 0..15.
     int quant(int64_t n, int64_t b, int c) const {
         const uint8_t* tb = tile_block(n / kTileRows, b);
         const int r = int(n % kTileRows);
@@ -161,7 +170,7 @@ QMatrix quantized_from_floats(int32_t type, int64_t rows, int64_t k) {
 QMatrix quantized_raw(int32_t type, int64_t rows, int64_t k) {
     QMatrix m{type, rows, k, std::vector<uint8_t>(matrix_bytes(type, rows, k))};
     for (int64_t i = 0; i < m.quant_bytes(); ++i) m.bytes[i] = uint8_t(rng());
-    for (int64_t i = 0; i < n_tiles(rows) * m.nb() * kTileRows; ++i) m.scales()[i] = fp32_to_fp16(uniform(-2.0f, 2.0f));
+    for (int64_t i = 0; i < m.n_scales(); ++i) m.scales()[i] = fp32_to_fp16(uniform(-2.0f, 2.0f));
     return m;
 }
 
@@ -192,12 +201,21 @@ float fused_row(const QMatrix& m, const Acts& a, int64_t n, int64_t tok, double*
         int32_t dot = 0;
         for (int c = 0; c < kBlock; ++c) dot += m.quant(n, b, c) * a.q[tok * a.view.ldq + b * kBlock + c];
         if (m.type == kQ4_0) dot -= 8 * a.s[tok * a.view.nb + b];
-        const float scale = m.scale(n, b) * a.d[tok * a.view.nb + b];
+        const float da = a.d[tok * a.view.nb + b];
+        const float scale = m.scale(n, b) * da;
         acc = std::fma(float(dot), scale, acc);
         *magnitude += std::fabs(double(dot) * double(scale));
+        if (m.type == kQ4_1) {
+            const float sum_scaled = float(a.s[tok * a.view.nb + b]) * da;
+            acc = std::fma(m.min(n, b), sum_scaled, acc);
+            *magnitude += std::fabs(double(m.min(n, b)) * double(sum_scaled));
+        }
     }
     return acc;
 }
+
+// Float terms a quantized matmul sums per output: one per block, two for Q4_1.
+int64_t n_terms(const QMatrix& m) { return m.type == kQ4_1 ? 2 * m.nb() : m.nb(); }
 
 using MatmulQ = void (*)(const uint8_t*, int64_t, int64_t, int64_t, int64_t, const ActQ8&, float*, int64_t, bool);
 
@@ -225,17 +243,21 @@ void check_matmul_q_case(Result& res, MatmulQ got_fn, MatmulQ want_fn, const QMa
             double magnitude;
             const float fused = fused_row(m, a, n, tok, &magnitude);
             res.same_float(got[i], accumulate ? init[i] + fused : fused, [&] { return where("vs fused reference"); });
-            const double tol = sum_tolerance(m.nb()) * (magnitude + std::fabs(init[i]));
+            const double tol = sum_tolerance(n_terms(m)) * (magnitude + std::fabs(init[i]));
             res.close(got[i], want[i], tol, [&] { return where("vs scalar"); });
         }
     }
 }
 
+MatmulQ matmul_of(const KernelTable& table, int32_t type) {
+    return type == kQ4_0 ? table.matmul_q4_0 : type == kQ4_1 ? table.matmul_q4_1 : table.matmul_q8_0;
+}
+
 Result check_matmul_q(int32_t type) {
-    Result res{type == kQ4_0 ? "matmul_q4_0" : "matmul_q8_0",
+    Result res{type == kQ4_0 ? "matmul_q4_0" : type == kQ4_1 ? "matmul_q4_1" : "matmul_q8_0",
                "bitwise vs fused per-row reference, close to scalar"};
-    const MatmulQ got_fn = type == kQ4_0 ? simd.matmul_q4_0 : simd.matmul_q8_0;
-    const MatmulQ want_fn = type == kQ4_0 ? ref.matmul_q4_0 : ref.matmul_q8_0;
+    const MatmulQ got_fn = matmul_of(simd, type);
+    const MatmulQ want_fn = matmul_of(ref, type);
     for (int raw = 0; raw < 2; ++raw) {
         for (int64_t rows : {1, 4, 5, 16, 19, 33, 64}) {
             for (int64_t k : {32, 96, 160}) {
@@ -247,6 +269,165 @@ Result check_matmul_q(int32_t type) {
                         check_matmul_q_case(res, got_fn, want_fn, m, a, 0, nt, accumulate);
                         if (nt > 1) check_matmul_q_case(res, got_fn, want_fn, m, a, 1, nt, accumulate);
                         if (nt > 2) check_matmul_q_case(res, got_fn, want_fn, m, a, 0, 1, accumulate);
+                    }
+                }
+            }
+        }
+    }
+    return res;
+}
+
+// ---- K-quant matmuls ---------------------------------------------------------------------
+
+// A Q4_K / Q6_K matrix, read from the layout as kquants.h describes it (independently of the
+// kernels and of kquants.h's own helpers).
+struct KMatrix {
+    int32_t type;
+    int64_t rows, k;
+    std::vector<uint8_t> bytes;  // quants, then scales
+    int64_t nsb() const { return k / kSuperBlock; }
+    int64_t quant_bytes() const { return n_tiles(rows) * nsb() * k_tile_quant_bytes(type); }
+    const uint8_t* quants(int64_t n, int64_t s) const {
+        return bytes.data() + ((n / kTileRows) * nsb() + s) * k_tile_quant_bytes(type);
+    }
+    const uint8_t* scales(int64_t n, int64_t s) const {
+        return bytes.data() + quant_bytes() + ((n / kTileRows) * nsb() + s) * k_tile_scale_bytes(type);
+    }
+    float fp16(int64_t n, int64_t s, int which) const {  // Q4_K: 0 d, 1 dmin; Q6_K: 0 d
+        uint16_t h;
+        std::memcpy(&h, scales(n, s) + 32 * which + 2 * (n % kTileRows), 2);
+        return fp16_to_fp32(h);
+    }
+    // Q4_K: the nibble (0..15) of column c (0..255) of super-block s; Q6_K: the 6-bit quant.
+    int quant(int64_t n, int64_t s, int c) const {
+        const int r = int(n % kTileRows), j = c / 32, cc = c % 32;
+        if (type == kQ4_K) {
+            const uint8_t byte = quants(n, s)[256 * j + ((cc % 16) / 4) * 64 + r * 4 + cc % 4];
+            return cc < 16 ? (byte & 15) : (byte >> 4);
+        }
+        const uint8_t* sub = quants(n, s) + 384 * j;
+        const int t = cc / 16, g = (cc % 16) / 4, i = cc % 4;
+        auto vec = [&](int kk) { return int(sub[(3 * t + kk) * 64 + r * 4 + i]); };
+        if (g < 3) return vec(g) & 63;
+        return (vec(0) >> 6) | ((vec(1) >> 6) << 2) | ((vec(2) >> 6) << 4);
+    }
+    // Q4_K: sub-block j's 6-bit scale and min from GGUF's 12 bytes (byte kk of row r at 16*kk + r).
+    void scale_min(int64_t n, int64_t s, int j, int* sc, int* m) const {
+        const uint8_t* b = scales(n, s) + 64 + n % kTileRows;
+        uint8_t g[12];
+        for (int kk = 0; kk < 12; ++kk) g[kk] = b[16 * kk];
+        *sc = j < 4 ? g[j] & 63 : (g[j + 4] & 15) | ((g[j - 4] >> 6) << 4);
+        *m = j < 4 ? g[j + 4] & 63 : (g[j + 4] >> 4) | ((g[j] >> 6) << 4);
+    }
+    int q6_scale(int64_t n, int64_t s, int g) const { return int8_t(scales(n, s)[32 + 16 * g + n % kTileRows]); }
+};
+
+KMatrix kmatrix_from_floats(int32_t type, int64_t rows, int64_t k) {
+    KMatrix m{type, rows, k, std::vector<uint8_t>(matrix_bytes(type, rows, k))};
+    quantize_k_tiles(type, randn(rows * k).data(), rows, k, m.bytes.data(), kQuantMse, nullptr);
+    return m;
+}
+
+// Every byte value in the quants and the packed scales (so 6-bit scales and mins up to 63,
+// int8 scales down to -128), random fp16 d and dmin of either sign, junk in padding rows.
+KMatrix kmatrix_raw(int32_t type, int64_t rows, int64_t k) {
+    KMatrix m{type, rows, k, std::vector<uint8_t>(matrix_bytes(type, rows, k))};
+    for (uint8_t& b : m.bytes) b = uint8_t(rng());
+    const int64_t per_tile = k_tile_scale_bytes(type), fp16s = type == kQ4_K ? 32 : 16;
+    for (int64_t i = 0; i < n_tiles(rows) * m.nsb(); ++i) {
+        uint16_t* h = reinterpret_cast<uint16_t*>(m.bytes.data() + m.quant_bytes() + i * per_tile);
+        for (int64_t r = 0; r < fp16s; ++r) h[r] = fp32_to_fp16(uniform(-0.05f, 0.05f));
+    }
+    return m;
+}
+
+// The per-row arithmetic of kquants.h with every multiply-add fused, as the SIMD paths do.
+float fused_row_k(const KMatrix& m, const Acts& a, int64_t n, int64_t tok, double* magnitude) {
+    float acc = 0.0f;
+    *magnitude = 0.0;
+    for (int64_t s = 0; s < m.nsb(); ++s) {
+        float sd = 0.0f, sm = 0.0f;
+        double mag_d = 0.0, mag_m = 0.0;
+        for (int j = 0; j < 8; ++j) {
+            const int64_t b = s * 8 + j;
+            const int8_t* x = a.q.data() + tok * a.view.ldq + b * kBlock;
+            const float da = a.d[tok * a.view.nb + b];
+            if (m.type == kQ4_K) {
+                int32_t dot = 0;
+                for (int c = 0; c < kBlock; ++c) dot += m.quant(n, s, 32 * j + c) * x[c];
+                int sc, mn;
+                m.scale_min(n, s, j, &sc, &mn);
+                const float sa = float(a.s[tok * a.view.nb + b]) * da;
+                sd = std::fma(float(sc * dot), da, sd);
+                sm = std::fma(float(mn), sa, sm);
+                mag_d += std::fabs(double(sc * dot) * da);
+                mag_m += std::fabs(double(mn) * sa);
+            } else {
+                int32_t dot[2] = {0, 0};
+                for (int c = 0; c < kBlock; ++c) dot[c / 16] += (m.quant(n, s, 32 * j + c) - 32) * x[c];
+                const int32_t idot = m.q6_scale(n, s, 2 * j) * dot[0] + m.q6_scale(n, s, 2 * j + 1) * dot[1];
+                sd = std::fma(float(idot), da, sd);
+                mag_d += std::fabs(double(idot) * da);
+            }
+        }
+        const float d = m.fp16(n, s, 0);
+        acc = std::fma(d, sd, acc);
+        *magnitude += std::fabs(double(d)) * mag_d;
+        if (m.type == kQ4_K) {
+            const float dmin = m.fp16(n, s, 1);
+            acc = std::fma(-dmin, sm, acc);
+            *magnitude += std::fabs(double(dmin)) * mag_m;
+        }
+    }
+    return acc;
+}
+
+void check_matmul_k_case(Result& res, MatmulQ got_fn, MatmulQ want_fn, const KMatrix& m, const Acts& a,
+                         int64_t tile0, int64_t tile1, bool accumulate) {
+    const int64_t T = a.view.T, ldo = m.rows + 3;
+    std::vector<float> init(T * ldo);
+    for (float& v : init) v = uniform(-1.0f, 1.0f);
+    std::vector<float> got = init, want = init;
+    got_fn(m.bytes.data(), m.rows, m.k, tile0, tile1, a.view, got.data(), ldo, accumulate);
+    want_fn(m.bytes.data(), m.rows, m.k, tile0, tile1, a.view, want.data(), ldo, accumulate);
+    const int64_t n_begin = tile0 * kTileRows, n_end = std::min(tile1 * kTileRows, m.rows);
+    // Terms the scalar path rounds: two per sub-block (one for Q6_K), two per super-block.
+    const int64_t terms = (m.type == kQ4_K ? 2 : 1) * (m.k / kBlock) + 2 * m.nsb();
+    for (int64_t tok = 0; tok < T; ++tok) {
+        for (int64_t n = 0; n < ldo; ++n) {
+            const int64_t i = tok * ldo + n;
+            auto where = [&](const char* what) {
+                return fmt("rows %lld k %lld T %lld tiles [%lld,%lld) acc %d: token %lld row %lld %s",
+                           (long long)m.rows, (long long)m.k, (long long)T, (long long)tile0, (long long)tile1,
+                           int(accumulate), (long long)tok, (long long)n, what);
+            };
+            if (n < n_begin || n >= n_end) {
+                res.same_bits(bits_of(got[i]), bits_of(init[i]), [&] { return where("(must stay untouched)"); });
+                continue;
+            }
+            double magnitude;
+            const float fused = fused_row_k(m, a, n, tok, &magnitude);
+            res.same_float(got[i], accumulate ? init[i] + fused : fused, [&] { return where("vs fused reference"); });
+            res.close(got[i], want[i], sum_tolerance(terms) * (magnitude + std::fabs(init[i])),
+                      [&] { return where("vs scalar"); });
+        }
+    }
+}
+
+Result check_matmul_k(int32_t type) {
+    Result res{type == kQ4_K ? "matmul_q4_k" : "matmul_q6_k", "bitwise vs fused per-row reference, close to scalar"};
+    const MatmulQ got_fn = type == kQ4_K ? simd.matmul_q4_k : simd.matmul_q6_k;
+    const MatmulQ want_fn = type == kQ4_K ? ref.matmul_q4_k : ref.matmul_q6_k;
+    for (int raw = 0; raw < 2; ++raw) {
+        for (int64_t rows : {1, 5, 16, 19, 33}) {
+            for (int64_t k : {256, 768}) {
+                const KMatrix m = raw ? kmatrix_raw(type, rows, k) : kmatrix_from_floats(type, rows, k);
+                const int64_t nt = n_tiles(rows);
+                for (int64_t T : {1, 2, 3, 4, 5, 9}) {
+                    const Acts a = quantized_acts(T, k);
+                    for (int accumulate = 0; accumulate < 2; ++accumulate) {
+                        check_matmul_k_case(res, got_fn, want_fn, m, a, 0, nt, accumulate);
+                        if (nt > 1) check_matmul_k_case(res, got_fn, want_fn, m, a, 1, nt, accumulate);
                     }
                 }
             }
@@ -579,7 +760,10 @@ int main() {
     std::printf("kernel_check: %s vs scalar\n", simd.name);
     const Result results[] = {
         check_matmul_q(kQ4_0),
+        check_matmul_q(kQ4_1),
         check_matmul_q(kQ8_0),
+        check_matmul_k(kQ4_K),
+        check_matmul_k(kQ6_K),
         check_matmul_float<uint16_t>("matmul_f16", simd.matmul_f16, ref.matmul_f16),
         check_matmul_float<float>("matmul_f32", simd.matmul_f32, ref.matmul_f32),
         check_quantize_row_q8(),

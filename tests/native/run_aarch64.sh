@@ -30,7 +30,8 @@ mkdir -p "$out"
 # reference must multiply and add separately, as it does in the real build).
 flags=(-std=c++17 -O2 -Wall -Wextra -ffp-contract=off -fno-math-errno "-I$root/csrc"
        -DLLAMACPU_HAVE_NEON -DCHECK_TABLE=kNeonKernels)
-sources=(tests/native/kernel_check.cpp csrc/kernels_neon.cpp csrc/kernels_scalar.cpp csrc/quantize.cpp csrc/cpu.cpp)
+sources=(tests/native/kernel_check.cpp csrc/kernels_neon.cpp csrc/kquants_neon.cpp csrc/kernels_scalar.cpp
+         csrc/kquants_scalar.cpp csrc/quantize.cpp csrc/kquants_quantize.cpp csrc/cpu.cpp)
 
 pids=()
 objects=()
@@ -43,7 +44,7 @@ for src in "${sources[@]}"; do
     pids+=($!)
 done
 for pid in "${pids[@]}"; do wait "$pid"; done  # set -e: a failed compile ends the script here
-"$cxx" -static -o "$out/kernel_check" "${objects[@]}"
+"$cxx" -static -pthread -o "$out/kernel_check" "${objects[@]}"
 
 # -L only matters for a dynamically linked binary; harmless for the static one.
 "$qemu" -L /usr/aarch64-linux-gnu "$out/kernel_check"

@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""Quantized matmul throughput per weight format, in bytes of weights read per second, measured
+side by side in one run (the machine is shared: compare only figures from the same run).
+
+Each format multiplies the same random weights: a set of matrices larger than the last-level
+cache ("dram", what token generation sees) and one matrix that stays in cache ("cache", the
+kernel's compute speed). Repetitions are interleaved across formats and the best is kept.
+
+    python bench/kquants.py [--threads 1] [--tokens 1] [--rows 4096] [--cols 4096] [--reps 15]
+                            [--isa auto] [--json]
+"""
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+from llamacpu import _core
+
+FORMATS = {"q4_0": _core.Q4_0, "q4_1": _core.Q4_1, "q8_0": _core.Q8_0, "q4_k": _core.Q4_K, "q6_k": _core.Q6_K}
+_BLOCK32 = {_core.Q4_0: (256, 16), _core.Q4_1: (256, 32), _core.Q8_0: (512, 16)}  # quant bytes, fp16 scales
+
+
+def make_matrix(dt: int, w: np.ndarray):
+    rows, cols = w.shape
+    if dt in (_core.Q4_K, _core.Q6_K):
+        buf = np.zeros(_core.matrix_bytes(dt, rows, cols), np.uint8)
+        _core.quantize_k_tiles(dt, w, buf, "ref")
+    else:
+        qb, sb = _BLOCK32[dt]
+        blocks = -(-rows // 16) * (cols // 32)
+        q, s = np.zeros(blocks * qb, np.uint8), np.zeros(blocks * sb, np.uint16)
+        _core.quantize_tiles(dt, w, q, s)
+        buf = np.concatenate([q, s.view(np.uint8)])
+    return _core.Matrix(buf, 0, dt, rows, cols), buf
+
+
+def rate(backend, mats, x, min_seconds=0.1) -> float:
+    """Bytes of weights per second over passes through mats, for at least min_seconds."""
+    out = np.zeros((x.shape[0], mats[0][0].rows), np.float32)
+    n, t0 = 0, time.perf_counter()
+    while True:
+        for m, buf in mats:
+            backend.matmul(m, x, out)
+            n += buf.nbytes
+        el = time.perf_counter() - t0
+        if el >= min_seconds:
+            return n / el
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tokens", type=int, default=1)
+    ap.add_argument("--rows", type=int, default=4096)
+    ap.add_argument("--cols", type=int, default=4096)
+    ap.add_argument("--dram-mib", type=int, default=160, help="total size of the matrices of the dram case")
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--isa", default="auto")
+    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    rng = np.random.default_rng(0)
+    backend = _core.Backend(a.threads, a.isa)
+    w = rng.standard_normal((a.rows, a.cols)).astype(np.float32)
+    x = rng.standard_normal((a.tokens, a.cols)).astype(np.float32)
+    names = a.formats.split(",")
+    cases = {}
+    for name in names:
+        dt = FORMATS[name]
+        one = make_matrix(dt, w)
+        copies = max(1, a.dram_mib * 2**20 // one[1].nbytes)
+        # Copies of the bytes, so that each pass streams them from memory (a Matrix keeps its
+        # buffer alive).
+        dram = [one] + [(_core.Matrix(b, 0, dt, a.rows, a.cols), b) for b in (np.copy(one[1]) for _ in range(copies - 1))]
+        cache_rows = max(16, (1 << 20) // a.cols // 16 * 16)  # about 512 KiB of 4-bit weights: in L2
+        cases[name] = {"dram": dram, "cache": [make_matrix(dt, w[:cache_rows])]}
+    best = {(n, k): 0.0 for n in names for k in ("dram", "cache")}
+    for _ in range(a.reps):
+        for name in names:
+            for kind in ("dram", "cache"):
+                best[(name, kind)] = max(best[(name, kind)], rate(backend, cases[name][kind], x))
+    print(f"{backend.name}, {a.threads} thread(s), {a.tokens} token(s), [{a.rows} x {a.cols}]: GB/s of weights read (best of {a.reps})")
+    base = best.get(("q4_0", "dram")), best.get(("q4_0", "cache"))
+    for name in names:
+        d, c = best[(name, "dram")], best[(name, "cache")]
+        rel = f"  ({d / base[0]:.2f}x / {c / base[1]:.2f}x q4_0)" if base[0] else ""
+        print(f"  {name:5s} dram {d / 1e9:6.2f}   cache {c / 1e9:6.2f}{rel}")
+    if a.json:
+        print(json.dumps({f"{n}_{k}_gbps": v / 1e9 for (n, k), v in best.items()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,390 @@
+// AVX2 + FMA + F16C K-quant kernels (compiled with kernels_avx2.cpp's flags). The per-row
+// arithmetic is kquants.h's; each fused step is one fma.
+//
+// A 16-row tile is two halves of 8 rows, one ymm each (32-bit lane r = row r), and each
+// 32-column sub-block is a Q4_0 tile-block: pmaddubsw of the unsigned quants with a broadcast
+// 4-byte activation group, summed in int16. The sub-block scale rides on the pmaddwd that
+// widens those sums (its second operand holds the scale in both int16 halves of a row's lane),
+// so applying it costs nothing. Scales are decoded for 16 rows at a time in xmm registers: for
+// one token as they are needed, for a batch once per tile and call, for every token.
+//
+// Q6_K's 6-bit quants (0..63) times int8 activations overflow int16 after two pmaddubsw, but
+// sum (q - 32) * a over a 16-column group does not (8 products of at most 32 * 127 per int16
+// lane): the lanes start from -32 * sum(a) and add the raw products with wrap-around, and since
+// the true result fits, the wrapped arithmetic gives it exactly.
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "kernels.h"
+#include "kquants.h"
+
+namespace llamacpu {
+namespace kq_avx2_impl {
+
+#include "simd_x86_common.h"  // bcast4, store_rows8
+
+static inline __m256 load8_f16(const uint8_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// The 16 rows' int16 pairs (v, v) per 32-bit lane, rows 0-7 then rows 8-15, from 16 bytes.
+static inline void pairs_u8(__m128i v, __m256i* half0, __m256i* half1) {
+    *half0 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(v, v));
+    *half1 = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(v, v));
+}
+static inline void pairs_i8(__m128i a, __m128i b, __m256i* half0, __m256i* half1) {
+    *half0 = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(a, b));
+    *half1 = _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(a, b));
+}
+
+// ---- Q4_K ----------------------------------------------------------------------------------
+
+// The 6-bit scales (sc) and mins (m) of sub-block j for the 16 rows, one byte per row; B: the
+// transposed scale bytes of the tile-superblock (kquants.h).
+static inline __m128i q4k_sc(const uint8_t* B, int j) {
+    auto row_bytes = [&](int k) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(B + 16 * k)); };
+    if (j < 4) return _mm_and_si128(row_bytes(j), _mm_set1_epi8(63));
+    // The top two bits of B[j-4] are bits 4-5 of the scale.
+    return _mm_or_si128(_mm_and_si128(row_bytes(j + 4), _mm_set1_epi8(15)),
+                        _mm_and_si128(_mm_srli_epi16(row_bytes(j - 4), 2), _mm_set1_epi8(48)));
+}
+static inline __m128i q4k_m(const uint8_t* B, int j) {
+    auto row_bytes = [&](int k) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(B + 16 * k)); };
+    if (j < 4) return _mm_and_si128(row_bytes(j + 4), _mm_set1_epi8(63));
+    return _mm_or_si128(_mm_and_si128(_mm_srli_epi16(row_bytes(j + 4), 4), _mm_set1_epi8(15)),
+                        _mm_and_si128(_mm_srli_epi16(row_bytes(j), 2), _mm_set1_epi8(48)));
+}
+
+// float(sum_b a) * da_b for the 8 blocks b0.. of one token: the activation side of the min
+// term (the same product the scalar path forms).
+static inline __m256 q4k_act_sums(const ActQ8& a, int64_t tok, int64_t b0) {
+    const int64_t i = tok * a.nb + b0;
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.s + i))),
+                         _mm256_loadu_ps(a.d + i));
+}
+
+// sum_j float(m_j) * sa_j for the two halves of a tile-superblock, in j order.
+static inline void q4k_min_terms(const uint8_t* B, __m256 sa8, __m256* sm0, __m256* sm1) {
+    alignas(32) float sa[8];
+    _mm256_store_ps(sa, sa8);
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    for (int j = 0; j < 8; ++j) {
+        const __m128i m = q4k_m(B, j);
+        const __m256 sj = _mm256_broadcast_ss(sa + j);
+        s0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(m)), sj, s0);
+        s1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(m, 8))), sj, s1);
+    }
+    *sm0 = s0;
+    *sm1 = s1;
+}
+
+// One token, both halves: one pass over the tile's bytes, each activation group broadcast
+// once for the 16 rows.
+static void q4k_tile_gemv(const uint8_t* quants, const uint8_t* scales, int64_t nsb, int64_t t, const ActQ8& a,
+                          float* out, int64_t n_rows, bool accumulate) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    // Row r's lane gets bytes (r, zero, r, zero); -1 selects zero.
+    const __m256i pair_idx = _mm256_setr_epi8(0, -1, 0, -1, 1, -1, 1, -1, 2, -1, 2, -1, 3, -1, 3, -1,
+                                              4, -1, 4, -1, 5, -1, 5, -1, 6, -1, 6, -1, 7, -1, 7, -1);
+    const __m256i pair_idx_hi = _mm256_setr_epi8(8, -1, 8, -1, 9, -1, 9, -1, 10, -1, 10, -1, 11, -1, 11, -1,
+                                                 12, -1, 12, -1, 13, -1, 13, -1, 14, -1, 14, -1, 15, -1, 15, -1);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (int64_t s = 0; s < nsb; ++s) {
+        const uint8_t* ts = scales + (t * nsb + s) * kQ4KTileScales;
+        const uint8_t* tq = quants + (t * nsb + s) * kQ4KTileQuants;
+        __m256 sd0 = _mm256_setzero_ps(), sd1 = _mm256_setzero_ps();
+        for (int j = 0; j < 8; ++j) {
+            const int8_t* x = a.q + (s * 8 + j) * kBlock;
+            const uint8_t* sub = tq + 256 * j;
+            __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+            for (int v = 0; v < 4; ++v) {
+                const __m256i xl = bcast4(x + 4 * v), xh = bcast4(x + 16 + 4 * v);
+                const __m256i r0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sub + v * 64));
+                const __m256i r1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sub + v * 64 + 32));
+                s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(_mm256_and_si256(r0, m4), xl));
+                s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(_mm256_and_si256(r1, m4), xl));
+                s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(r0, 4), m4), xh));
+                s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(r1, 4), m4), xh));
+                // Keeps each sum a running register: left alone, the compiler reorders the adds
+                // into a tree over all 16 products and spills them.
+                __asm__("" : "+x"(s0), "+x"(s1));
+            }
+            // (sc, sc) pairs of rows 0-7 and 8-15: two in-lane shuffles of the 16 rows' bytes.
+            const __m256i sc = _mm256_broadcastsi128_si256(q4k_sc(ts + 64, j));
+            const __m256i p0 = _mm256_shuffle_epi8(sc, pair_idx), p1 = _mm256_shuffle_epi8(sc, pair_idx_hi);
+            const __m256 da = _mm256_set1_ps(a.d[s * 8 + j]);
+            sd0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s0, p0)), da, sd0);
+            sd1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s1, p1)), da, sd1);
+        }
+        __m256 sm0, sm1;
+        q4k_min_terms(ts + 64, q4k_act_sums(a, 0, s * 8), &sm0, &sm1);
+        acc0 = _mm256_fmadd_ps(load8_f16(ts), sd0, acc0);
+        acc1 = _mm256_fmadd_ps(load8_f16(ts + 16), sd1, acc1);
+        acc0 = _mm256_fnmadd_ps(load8_f16(ts + 32), sm0, acc0);
+        acc1 = _mm256_fnmadd_ps(load8_f16(ts + 48), sm1, acc1);
+    }
+    const int64_t n0 = t * kTileRows;
+    store_rows8(out + n0, acc0, n_rows - n0, accumulate);
+    store_rows8(out + n0 + 8, acc1, n_rows - n0 - 8, accumulate);
+}
+
+// The decoded scales of one half (8 rows) of a tile-superblock, for the batched path: decoded
+// once per tile and call, used by every token.
+struct Q4KHalf {
+    __m256i sc[8];  // (sc_j, sc_j) int16 pairs per row lane
+    __m256 m[8];    // m_j as float
+    __m256 d, dmin;
+};
+
+static inline void q4k_decode(const uint8_t* ts, Q4KHalf* out) {
+    for (int j = 0; j < 8; ++j) {
+        pairs_u8(q4k_sc(ts + 64, j), &out[0].sc[j], &out[1].sc[j]);
+        const __m128i m = q4k_m(ts + 64, j);
+        out[0].m[j] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(m));
+        out[1].m[j] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(m, 8)));
+    }
+    for (int h = 0; h < 2; ++h) {
+        out[h].d = load8_f16(ts + 16 * h);
+        out[h].dmin = load8_f16(ts + 32 + 16 * h);
+    }
+}
+
+// NT tokens from tok0, the halves of a tile with rows (nh of them): each weight vector is
+// unpacked once for all NT tokens, the activation side of each super-block computed once for
+// both halves. dec: the tile's decoded scales, [super-block][half]. Per (row, token) the float
+// work is the gemv path's, so the batch size never changes a result.
+template <int NT>
+static void q4k_tokens(const uint8_t* tq, const Q4KHalf* dec, int64_t nsb, const ActQ8& a, int64_t tok0, int nh,
+                       __m256 (*acc)[NT]) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    for (int64_t s = 0; s < nsb; ++s) {
+        alignas(32) float sa[NT][8];
+        for (int i = 0; i < NT; ++i) _mm256_store_ps(sa[i], q4k_act_sums(a, tok0 + i, s * 8));
+        const uint8_t* sq = tq + s * kQ4KTileQuants;
+        for (int h = 0; h < nh; ++h) {
+            const Q4KHalf& hs = dec[2 * s + h];
+            __m256 sd[NT];
+            for (int i = 0; i < NT; ++i) sd[i] = _mm256_setzero_ps();
+            for (int j = 0; j < 8; ++j) {
+                const int8_t* x[NT];
+                for (int i = 0; i < NT; ++i) x[i] = a.q + (tok0 + i) * a.ldq + (s * 8 + j) * kBlock;
+                __m256i sum[NT];
+                for (int i = 0; i < NT; ++i) sum[i] = _mm256_setzero_si256();
+                for (int v = 0; v < 4; ++v) {
+                    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sq + 256 * j + v * 64 + h * 32));
+                    const __m256i lo = _mm256_and_si256(raw, m4);
+                    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+                    for (int i = 0; i < NT; ++i) {
+                        sum[i] = _mm256_add_epi16(sum[i], _mm256_maddubs_epi16(lo, bcast4(x[i] + 4 * v)));
+                        sum[i] = _mm256_add_epi16(sum[i], _mm256_maddubs_epi16(hi, bcast4(x[i] + 16 + 4 * v)));
+                        __asm__("" : "+x"(sum[i]));  // a running sum per token (see q4k_tile_gemv)
+                    }
+                }
+                for (int i = 0; i < NT; ++i) {
+                    const __m256i dot = _mm256_madd_epi16(sum[i], hs.sc[j]);
+                    sd[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(a.d[(tok0 + i) * a.nb + s * 8 + j]), sd[i]);
+                }
+            }
+            for (int i = 0; i < NT; ++i) {
+                __m256 sm = _mm256_setzero_ps();
+                for (int j = 0; j < 8; ++j) sm = _mm256_fmadd_ps(hs.m[j], _mm256_broadcast_ss(&sa[i][j]), sm);
+                acc[h][i] = _mm256_fmadd_ps(hs.d, sd[i], acc[h][i]);
+                acc[h][i] = _mm256_fnmadd_ps(hs.dmin, sm, acc[h][i]);
+            }
+        }
+    }
+}
+
+// ---- Q6_K ----------------------------------------------------------------------------------
+
+// 32 * the sums of the activation pairs each int16 lane of a 16-column group meets: even lanes
+// 32 * sum(a[4v], a[4v+1]), odd lanes 32 * sum(a[4v+2], a[4v+3]) over v; low group, high group.
+static inline void q6_offsets(const int8_t* x, __m256i* off_lo, __m256i* off_hi) {
+    const __m256i t = _mm256_maddubs_epi16(_mm256_set1_epi8(32), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+    __m256i u = _mm256_add_epi16(t, _mm256_srli_si256(t, 8));
+    u = _mm256_add_epi16(u, _mm256_srli_si256(u, 4));  // dword 0 of each 128-bit lane
+    *off_lo = _mm256_permutevar8x32_epi32(u, _mm256_setzero_si256());
+    *off_hi = _mm256_permutevar8x32_epi32(u, _mm256_set1_epi32(4));
+}
+
+
+// int32 lanes: sc_lo * sum_lo + sc_hi * sum_hi over one half (8 rows) of a Q6_K sub-block,
+// sum_lo / sum_hi the dots of its low / high 16 columns with x, each of (q - 32) * a.
+static inline __m256i q6_half_dot(const uint8_t* sub, int h, const int8_t* x, __m256i off_lo, __m256i off_hi,
+                                  __m256i sc_lo, __m256i sc_hi) {
+    const __m256i m63 = _mm256_set1_epi8(63);
+    __m256i sum[2];
+    for (int t = 0; t < 2; ++t) {
+        const uint8_t* p = sub + 3 * t * 64 + h * 32;
+        const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+        const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64));
+        const __m256i v2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 128));
+        const __m256i q3 = _mm256_or_si256(
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v0, 6), _mm256_set1_epi8(0x03)),
+                            _mm256_and_si256(_mm256_srli_epi16(v1, 4), _mm256_set1_epi8(0x0c))),
+            _mm256_and_si256(_mm256_srli_epi16(v2, 2), _mm256_set1_epi8(0x30)));
+        const int8_t* xt = x + 16 * t;
+        __m256i s = _mm256_sub_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v0, m63), bcast4(xt)), t ? off_hi : off_lo);
+        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(v1, m63), bcast4(xt + 4)));
+        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(v2, m63), bcast4(xt + 8)));
+        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(q3, bcast4(xt + 12)));
+        __asm__("" : "+x"(s));  // a running sum (see q4k_tile_gemv)
+        sum[t] = s;
+    }
+    return _mm256_add_epi32(_mm256_madd_epi16(sum[0], sc_lo), _mm256_madd_epi16(sum[1], sc_hi));
+}
+
+static void q6k_tile_gemv(const uint8_t* quants, const uint8_t* scales, int64_t nsb, int64_t t, const ActQ8& a,
+                          float* out, int64_t n_rows, bool accumulate) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (int64_t s = 0; s < nsb; ++s) {
+        const uint8_t* ts = scales + (t * nsb + s) * kQ6KTileScales;
+        const uint8_t* tq = quants + (t * nsb + s) * kQ6KTileQuants;
+        __m256 sd0 = _mm256_setzero_ps(), sd1 = _mm256_setzero_ps();
+        for (int j = 0; j < 8; ++j) {
+            const int64_t b = s * 8 + j;
+            const int8_t* x = a.q + b * kBlock;
+            __m256i off_lo, off_hi, lo0, lo1, hi0, hi1;
+            q6_offsets(x, &off_lo, &off_hi);
+            const __m128i sl = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ts + 32 + 16 * (2 * j)));
+            const __m128i sh = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ts + 32 + 16 * (2 * j + 1)));
+            pairs_i8(sl, sl, &lo0, &lo1);
+            pairs_i8(sh, sh, &hi0, &hi1);
+            const __m256 da = _mm256_set1_ps(a.d[b]);
+            const __m256i d0 = q6_half_dot(tq + 384 * j, 0, x, off_lo, off_hi, lo0, hi0);
+            const __m256i d1 = q6_half_dot(tq + 384 * j, 1, x, off_lo, off_hi, lo1, hi1);
+            sd0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), da, sd0);
+            sd1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), da, sd1);
+        }
+        acc0 = _mm256_fmadd_ps(load8_f16(ts), sd0, acc0);
+        acc1 = _mm256_fmadd_ps(load8_f16(ts + 16), sd1, acc1);
+    }
+    const int64_t n0 = t * kTileRows;
+    store_rows8(out + n0, acc0, n_rows - n0, accumulate);
+    store_rows8(out + n0 + 8, acc1, n_rows - n0 - 8, accumulate);
+}
+
+// As Q4KHalf, for Q6_K.
+struct Q6KHalf {
+    __m256i lo[8], hi[8];  // (sc_2j, sc_2j) and (sc_2j+1, sc_2j+1) int16 pairs per row lane
+    __m256 d;
+};
+
+static inline void q6k_decode(const uint8_t* ts, Q6KHalf* out) {
+    for (int j = 0; j < 8; ++j) {
+        const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ts + 32 + 16 * (2 * j)));
+        const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ts + 32 + 16 * (2 * j + 1)));
+        pairs_i8(lo, lo, &out[0].lo[j], &out[1].lo[j]);
+        pairs_i8(hi, hi, &out[0].hi[j], &out[1].hi[j]);
+    }
+    for (int h = 0; h < 2; ++h) out[h].d = load8_f16(ts + 16 * h);
+}
+
+// As q4k_tokens, for Q6_K: per 16-column group the int16 lanes start from the token's
+// -32 * sum(a) offsets (computed once per super-block for both halves) and widen with the
+// group's scale.
+template <int NT>
+static void q6k_tokens(const uint8_t* tq, const Q6KHalf* dec, int64_t nsb, const ActQ8& a, int64_t tok0, int nh,
+                       __m256 (*acc)[NT]) {
+    const __m256i m63 = _mm256_set1_epi8(63);
+    for (int64_t s = 0; s < nsb; ++s) {
+        __m256i off[NT][8][2];
+        for (int i = 0; i < NT; ++i)
+            for (int j = 0; j < 8; ++j) q6_offsets(a.q + (tok0 + i) * a.ldq + (s * 8 + j) * kBlock, &off[i][j][0], &off[i][j][1]);
+        const uint8_t* sq = tq + s * kQ6KTileQuants;
+        for (int h = 0; h < nh; ++h) {
+            const Q6KHalf& hs = dec[2 * s + h];
+            __m256 sd[NT];
+            for (int i = 0; i < NT; ++i) sd[i] = _mm256_setzero_ps();
+            for (int j = 0; j < 8; ++j) {
+                __m256i dot[NT];
+                for (int i = 0; i < NT; ++i) dot[i] = _mm256_setzero_si256();
+                for (int t = 0; t < 2; ++t) {
+                    const uint8_t* p = sq + 384 * j + 3 * t * 64 + h * 32;
+                    const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+                    const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64));
+                    const __m256i v2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 128));
+                    const __m256i q3 = _mm256_or_si256(
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v0, 6), _mm256_set1_epi8(0x03)),
+                                        _mm256_and_si256(_mm256_srli_epi16(v1, 4), _mm256_set1_epi8(0x0c))),
+                        _mm256_and_si256(_mm256_srli_epi16(v2, 2), _mm256_set1_epi8(0x30)));
+                    const __m256i q0 = _mm256_and_si256(v0, m63), q1 = _mm256_and_si256(v1, m63), q2 = _mm256_and_si256(v2, m63);
+                    for (int i = 0; i < NT; ++i) {
+                        const int8_t* x = a.q + (tok0 + i) * a.ldq + (s * 8 + j) * kBlock + 16 * t;
+                        __m256i sum = _mm256_sub_epi16(_mm256_maddubs_epi16(q0, bcast4(x)), off[i][j][t]);
+                        sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(q1, bcast4(x + 4)));
+                        sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(q2, bcast4(x + 8)));
+                        sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(q3, bcast4(x + 12)));
+                        dot[i] = _mm256_add_epi32(dot[i], _mm256_madd_epi16(sum, t ? hs.hi[j] : hs.lo[j]));
+                        __asm__("" : "+x"(dot[i]));  // a running sum per token (see q4k_tile_gemv)
+                    }
+                }
+                for (int i = 0; i < NT; ++i)
+                    sd[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[i]), _mm256_set1_ps(a.d[(tok0 + i) * a.nb + s * 8 + j]), sd[i]);
+            }
+            for (int i = 0; i < NT; ++i) acc[h][i] = _mm256_fmadd_ps(hs.d, sd[i], acc[h][i]);
+        }
+    }
+}
+
+// ---- dispatch ------------------------------------------------------------------------------
+
+// NT tokens from tok0 against tile t, the tile's scales already decoded into dec.
+template <int32_t kType, int NT, typename Half>
+static inline void tile_tokens(const uint8_t* w, const Half* dec, int64_t nsb, int64_t t, const ActQ8& a,
+                               int64_t tok0, float* out, int64_t ldo, int64_t n_rows, bool accumulate) {
+    const int64_t n0 = t * kTileRows;
+    const int nh = n_rows - n0 > 8 ? 2 : 1;
+    __m256 acc[2][NT];
+    for (int h = 0; h < 2; ++h)
+        for (int i = 0; i < NT; ++i) acc[h][i] = _mm256_setzero_ps();
+    const uint8_t* tq = w + t * nsb * k_tile_quant_bytes(kType);
+    if constexpr (kType == kQ4_K) q4k_tokens<NT>(tq, dec, nsb, a, tok0, nh, acc);
+    else q6k_tokens<NT>(tq, dec, nsb, a, tok0, nh, acc);
+    for (int h = 0; h < nh; ++h)
+        for (int i = 0; i < NT; ++i)
+            store_rows8(out + (tok0 + i) * ldo + n0 + 8 * h, acc[h][i], n_rows - n0 - 8 * h, accumulate);
+}
+
+template <int32_t kType>
+static void matmul(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, int64_t tile1, const ActQ8& a,
+                   float* out, int64_t ldo, bool accumulate) {
+    using Half = std::conditional_t<kType == kQ4_K, Q4KHalf, Q6KHalf>;
+    const int64_t nsb = k / kSuperBlock;
+    const uint8_t* scales = w + n_tiles(n_rows) * nsb * k_tile_quant_bytes(kType);
+    std::vector<Half> dec;  // a tile's decoded scales, for the batched path
+    if (a.T > 1) dec.resize(size_t(2 * nsb));
+    for (int64_t t = tile0; t < tile1; ++t) {
+        if (a.T == 1) {
+            if constexpr (kType == kQ4_K) q4k_tile_gemv(w, scales, nsb, t, a, out, n_rows, accumulate);
+            else q6k_tile_gemv(w, scales, nsb, t, a, out, n_rows, accumulate);
+            continue;
+        }
+        for (int64_t s = 0; s < nsb; ++s) {
+            const uint8_t* ts = scales + (t * nsb + s) * k_tile_scale_bytes(kType);
+            if constexpr (kType == kQ4_K) q4k_decode(ts, &dec[size_t(2 * s)]);
+            else q6k_decode(ts, &dec[size_t(2 * s)]);
+        }
+        int64_t tok = 0;
+        for (; tok + 4 <= a.T; tok += 4) tile_tokens<kType, 4>(w, dec.data(), nsb, t, a, tok, out, ldo, n_rows, accumulate);
+        for (; tok < a.T; ++tok) tile_tokens<kType, 1>(w, dec.data(), nsb, t, a, tok, out, ldo, n_rows, accumulate);
+    }
+}
+
+}  // namespace kq_avx2_impl
+
+void kq_avx2_matmul_q4_k(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, int64_t tile1, const ActQ8& a,
+                         float* out, int64_t ldo, bool accumulate) {
+    kq_avx2_impl::matmul<kQ4_K>(w, n_rows, k, tile0, tile1, a, out, ldo, accumulate);
+}
+
+void kq_avx2_matmul_q6_k(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, int64_t tile1, const ActQ8& a,
+                         float* out, int64_t ldo, bool accumulate) {
+    kq_avx2_impl::matmul<kQ6_K>(w, n_rows, k, tile0, tile1, a, out, ldo, accumulate);
+}
+
+}  // namespace llamacpu

@@ -1,0 +1,229 @@
+// AVX-512 (F, BW, VL) + VNNI K-quant kernels (compiled with kernels_avx512.cpp's flags). The
+// per-row arithmetic is kquants.h's, with the same fused steps as the AVX2 path, so both give
+// the same bits.
+//
+// A 16-row tile is one zmm (lane r = row r). vpdpbusd accumulates the exact int32 dot of each
+// row with a broadcast 4-byte activation group; the sub-block scale is one vpmulld. For Q6_K
+// the dot of the unsigned quants starts from -32 * sum(a), which turns it into sum (q-32) * a.
+//
+// With LLAMACPU_SIMDE this file is built a second time against SIMDe's emulation
+// (kquants_avx512_emu.cpp), so the tests run this code on CPUs without AVX-512.
+#if defined(LLAMACPU_SIMDE)
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+#include <simde/x86/f16c.h>
+#include <simde/x86/fma.h>
+#define KQ_NS kq_avx512emu_impl
+#define KQ_FN(name) kq_avx512emu_##name
+#else
+#include <immintrin.h>
+#define KQ_NS kq_avx512_impl
+#define KQ_FN(name) kq_avx512_##name
+#endif
+
+#include <cstring>
+#include <vector>
+
+#include "kernels.h"
+#include "kquants.h"
+
+namespace llamacpu {
+namespace KQ_NS {
+
+#include "simde_avx512_fixups.h"
+
+static inline __m512i bcast4(const int8_t* p) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+}
+
+static inline __m512 load16_f16(const uint8_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+static inline __m512i load16_u8(const uint8_t* p) {
+    return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+static inline __m512i load16_i8(const uint8_t* p) {
+    return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+static inline void store_rows16(float* o, __m512 v, int64_t valid, bool accumulate) {
+    if (valid >= 16) {
+        if (accumulate) v = _mm512_add_ps(v, _mm512_loadu_ps(o));
+        _mm512_storeu_ps(o, v);
+        return;
+    }
+    alignas(64) float tmp[16];
+    _mm512_store_ps(tmp, v);
+    for (int64_t i = 0; i < valid; ++i) o[i] = accumulate ? o[i] + tmp[i] : tmp[i];
+}
+
+// The 8 column groups of a 4-bit sub-block (Q4_0 layout) as unsigned bytes, group g = columns
+// 4g..4g+3 of all 16 rows.
+static inline void unpack_nibbles(const uint8_t* sub, __m512i* q) {
+    const __m512i m4 = _mm512_set1_epi8(0x0f);
+    for (int v = 0; v < 4; ++v) {
+        const __m512i raw = _mm512_loadu_si512(sub + v * 64);
+        q[v] = _mm512_and_si512(raw, m4);
+        q[4 + v] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
+    }
+}
+
+// Q6_K: the 6-bit quants of the 8 column groups (kquants.h): three groups of each 16 columns
+// are the low 6 bits of a stored vector, the fourth gathers their top bit pairs.
+static inline void unpack_q6(const uint8_t* sub, __m512i* q) {
+    const __m512i m63 = _mm512_set1_epi8(63);
+    for (int t = 0; t < 2; ++t) {
+        __m512i v[3];
+        for (int k = 0; k < 3; ++k) {
+            v[k] = _mm512_loadu_si512(sub + (3 * t + k) * 64);
+            q[4 * t + k] = _mm512_and_si512(v[k], m63);
+        }
+        q[4 * t + 3] = _mm512_or_si512(
+            _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v[0], 6), _mm512_set1_epi8(0x03)),
+                            _mm512_and_si512(_mm512_srli_epi16(v[1], 4), _mm512_set1_epi8(0x0c))),
+            _mm512_and_si512(_mm512_srli_epi16(v[2], 2), _mm512_set1_epi8(0x30)));
+    }
+}
+
+// sum over groups [g0, g0 + 4) of q * a, added to init, per row.
+static inline __m512i dot4(const __m512i* q, const int8_t* x, int g0, __m512i init) {
+    for (int g = g0; g < g0 + 4; ++g) init = _mm512_dpbusd_epi32(init, q[g], bcast4(x + 4 * g));
+    return init;
+}
+
+struct Q4KScales {
+    __m512i sc[8];
+    __m512 m[8];
+    __m512 d, neg_dmin;
+};
+
+static inline void q4k_decode(const uint8_t* ts, Q4KScales* out) {
+    const uint8_t* B = ts + 64;
+    for (int j = 0; j < 8; ++j) {
+        __m512i sc, mn;
+        if (j < 4) {
+            sc = _mm512_and_si512(load16_u8(B + 16 * j), _mm512_set1_epi32(63));
+            mn = _mm512_and_si512(load16_u8(B + 16 * (j + 4)), _mm512_set1_epi32(63));
+        } else {
+            const __m512i lo = load16_u8(B + 16 * (j + 4));
+            sc = _mm512_or_si512(_mm512_and_si512(lo, _mm512_set1_epi32(15)),
+                                 _mm512_slli_epi32(_mm512_srli_epi32(load16_u8(B + 16 * (j - 4)), 6), 4));
+            mn = _mm512_or_si512(_mm512_srli_epi32(lo, 4),
+                                 _mm512_slli_epi32(_mm512_srli_epi32(load16_u8(B + 16 * j), 6), 4));
+        }
+        out->sc[j] = sc;
+        out->m[j] = _mm512_cvtepi32_ps(mn);
+    }
+    out->d = load16_f16(ts);
+    out->neg_dmin = _mm512_sub_ps(_mm512_setzero_ps(), load16_f16(ts + 32));
+}
+
+// NT tokens from tok0 against tile t; dec: the tile's decoded scales, one per super-block.
+template <int NT>
+static void q4k_tile(const uint8_t* quants, const Q4KScales* dec, int64_t nsb, int64_t t, const ActQ8& a,
+                     int64_t tok0, float* out, int64_t ldo, int64_t valid, bool accumulate) {
+    __m512 acc[NT];
+    for (int i = 0; i < NT; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < nsb; ++s) {
+        const Q4KScales& sc = dec[s];
+        const uint8_t* tq = quants + (t * nsb + s) * kQ4KTileQuants;
+        __m512 sd[NT], sm[NT];
+        for (int i = 0; i < NT; ++i) sd[i] = sm[i] = _mm512_setzero_ps();
+        for (int j = 0; j < 8; ++j) {
+            __m512i q[8];
+            unpack_nibbles(tq + 256 * j, q);
+            for (int i = 0; i < NT; ++i) {
+                const int64_t tb = (tok0 + i) * a.nb + s * 8 + j;
+                const int8_t* x = a.q + (tok0 + i) * a.ldq + (s * 8 + j) * kBlock;
+                const __m512i dot = dot4(q, x, 4, dot4(q, x, 0, _mm512_setzero_si512()));
+                const float da = a.d[tb];
+                sd[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_mullo_epi32(dot, sc.sc[j])), _mm512_set1_ps(da), sd[i]);
+                sm[i] = _mm512_fmadd_ps(sc.m[j], _mm512_set1_ps(float(a.s[tb]) * da), sm[i]);
+            }
+        }
+        for (int i = 0; i < NT; ++i) {
+            acc[i] = _mm512_fmadd_ps(sc.d, sd[i], acc[i]);
+            acc[i] = _mm512_fmadd_ps(sc.neg_dmin, sm[i], acc[i]);
+        }
+    }
+    for (int i = 0; i < NT; ++i) store_rows16(out + (tok0 + i) * ldo + t * kTileRows, acc[i], valid, accumulate);
+}
+
+static inline int32_t sum16(const int8_t* x) {
+    int32_t s = 0;
+    for (int i = 0; i < 16; ++i) s += x[i];
+    return s;
+}
+
+template <int NT>
+static void q6k_tile(const uint8_t* quants, const uint8_t* scales, int64_t nsb, int64_t t, const ActQ8& a,
+                     int64_t tok0, float* out, int64_t ldo, int64_t valid, bool accumulate) {
+    __m512 acc[NT];
+    for (int i = 0; i < NT; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < nsb; ++s) {
+        const uint8_t* ts = scales + (t * nsb + s) * kQ6KTileScales;
+        const uint8_t* tq = quants + (t * nsb + s) * kQ6KTileQuants;
+        __m512 sd[NT];
+        for (int i = 0; i < NT; ++i) sd[i] = _mm512_setzero_ps();
+        for (int j = 0; j < 8; ++j) {
+            __m512i q[8];
+            unpack_q6(tq + 384 * j, q);
+            const __m512i sc_lo = load16_i8(ts + 32 + 16 * (2 * j)), sc_hi = load16_i8(ts + 32 + 16 * (2 * j + 1));
+            for (int i = 0; i < NT; ++i) {
+                const int64_t tb = (tok0 + i) * a.nb + s * 8 + j;
+                const int8_t* x = a.q + (tok0 + i) * a.ldq + (s * 8 + j) * kBlock;
+                const int32_t lo_sum = sum16(x), hi_sum = a.s[tb] - lo_sum;
+                const __m512i lo = dot4(q, x, 0, _mm512_set1_epi32(-32 * lo_sum));
+                const __m512i hi = dot4(q, x, 4, _mm512_set1_epi32(-32 * hi_sum));
+                const __m512i dot = _mm512_add_epi32(_mm512_mullo_epi32(lo, sc_lo), _mm512_mullo_epi32(hi, sc_hi));
+                sd[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(a.d[tb]), sd[i]);
+            }
+        }
+        const __m512 d = load16_f16(ts);
+        for (int i = 0; i < NT; ++i) acc[i] = _mm512_fmadd_ps(d, sd[i], acc[i]);
+    }
+    for (int i = 0; i < NT; ++i) store_rows16(out + (tok0 + i) * ldo + t * kTileRows, acc[i], valid, accumulate);
+}
+
+template <int32_t kType, int NT>
+static inline void tile(const uint8_t* w, const uint8_t* scales, const Q4KScales* dec, int64_t nsb, int64_t t,
+                        const ActQ8& a, int64_t tok0, float* out, int64_t ldo, int64_t valid, bool accumulate) {
+    if (kType == kQ4_K) q4k_tile<NT>(w, dec, nsb, t, a, tok0, out, ldo, valid, accumulate);
+    else q6k_tile<NT>(w, scales, nsb, t, a, tok0, out, ldo, valid, accumulate);
+}
+
+template <int32_t kType>
+static void matmul(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, int64_t tile1, const ActQ8& a,
+                   float* out, int64_t ldo, bool accumulate) {
+    const int64_t nsb = k / kSuperBlock;
+    const uint8_t* scales = w + n_tiles(n_rows) * nsb * k_tile_quant_bytes(kType);
+    // Q4_K: a tile's scales decoded once for all the call's tokens.
+    std::vector<Q4KScales> dec(kType == kQ4_K ? size_t(nsb) : 0);
+    for (int64_t t = tile0; t < tile1; ++t) {
+        if (kType == kQ4_K)
+            for (int64_t s = 0; s < nsb; ++s) q4k_decode(scales + (t * nsb + s) * kQ4KTileScales, &dec[size_t(s)]);
+        const int64_t valid = n_rows - t * kTileRows;
+        int64_t tok = 0;
+        for (; tok + 8 <= a.T; tok += 8) tile<kType, 8>(w, scales, dec.data(), nsb, t, a, tok, out, ldo, valid, accumulate);
+        for (; tok + 4 <= a.T; tok += 4) tile<kType, 4>(w, scales, dec.data(), nsb, t, a, tok, out, ldo, valid, accumulate);
+        for (; tok < a.T; ++tok) tile<kType, 1>(w, scales, dec.data(), nsb, t, a, tok, out, ldo, valid, accumulate);
+    }
+}
+
+}  // namespace KQ_NS
+
+void KQ_FN(matmul_q4_k)(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, int64_t tile1, const ActQ8& a,
+                        float* out, int64_t ldo, bool accumulate) {
+    KQ_NS::matmul<kQ4_K>(w, n_rows, k, tile0, tile1, a, out, ldo, accumulate);
+}
+
+void KQ_FN(matmul_q6_k)(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, int64_t tile1, const ActQ8& a,
+                        float* out, int64_t ldo, bool accumulate) {
+    KQ_NS::matmul<kQ6_K>(w, n_rows, k, tile0, tile1, a, out, ldo, accumulate);
+}
+
+}  // namespace llamacpu
