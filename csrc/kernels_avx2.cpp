@@ -11,6 +11,7 @@
 #include <cstring>
 
 #include "kernels.h"
+#include "prefetch.h"
 #include "kquants.h"
 
 namespace llamacpu {
@@ -149,6 +150,7 @@ static inline void tile_gemv(const uint8_t* quants, const uint16_t* scales, int6
         const uint8_t* q = quants + (t * nb + b) * qbytes;
         const uint16_t* sp = scales + (t * nb + b) * sstride;
         const int8_t* x = a.q + b * kBlock;
+        prefetch_ahead(q, qbytes);
         __m256i d0, d1;
         if (kType != kQ8_0) {
             __m256i wv[8];

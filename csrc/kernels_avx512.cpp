@@ -30,6 +30,7 @@
 #include <cstring>
 
 #include "kernels.h"
+#include "prefetch.h"
 #include "kquants.h"
 
 namespace llamacpu {
@@ -98,6 +99,7 @@ static inline void tile_tokens(const uint8_t* quants, const uint16_t* scales, in
     for (int i = 0; i < NT; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
         __m512i wv[8];
+        if (NT == 1) prefetch_ahead(quants + (t * nb + b) * qbytes, qbytes);
         unpack_block<kType>(quants + (t * nb + b) * qbytes, wv);
         const uint16_t* sp = scales + (t * nb + b) * sstride;
         const __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sp)));

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "prefetch.h"
 #include "kquants.h"
 
 namespace llamacpu {
@@ -100,6 +101,7 @@ static void q4k_tile_gemv(const uint8_t* quants, const uint8_t* scales, int64_t 
         for (int j = 0; j < 8; ++j) {
             const int8_t* x = a.q + (s * 8 + j) * kBlock;
             const uint8_t* sub = tq + 256 * j;
+            prefetch_ahead(sub, 256);
             __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
             for (int v = 0; v < 4; ++v) {
                 const __m256i xl = bcast4(x + 4 * v), xh = bcast4(x + 16 + 4 * v);
@@ -249,6 +251,7 @@ static void q6k_tile_gemv(const uint8_t* quants, const uint8_t* scales, int64_t 
             const int64_t b = s * 8 + j;
             const int8_t* x = a.q + b * kBlock;
             __m256i off_lo, off_hi, lo0, lo1, hi0, hi1;
+            prefetch_ahead(tq + 384 * j, 384);
             q6_offsets(x, &off_lo, &off_hi);
             const __m128i sl = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ts + 32 + 16 * (2 * j)));
             const __m128i sh = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ts + 32 + 16 * (2 * j + 1)));

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "prefetch.h"
 #include "kquants.h"
 
 namespace llamacpu {
@@ -135,6 +136,7 @@ static void q4k_tile(const uint8_t* quants, const Q4KScales* dec, int64_t nsb, i
         for (int i = 0; i < NT; ++i) sd[i] = sm[i] = _mm512_setzero_ps();
         for (int j = 0; j < 8; ++j) {
             __m512i q[8];
+            if (NT == 1) prefetch_ahead(tq + 256 * j, 256);
             unpack_nibbles(tq + 256 * j, q);
             for (int i = 0; i < NT; ++i) {
                 const int64_t tb = (tok0 + i) * a.nb + s * 8 + j;
@@ -171,6 +173,7 @@ static void q6k_tile(const uint8_t* quants, const uint8_t* scales, int64_t nsb, 
         for (int i = 0; i < NT; ++i) sd[i] = _mm512_setzero_ps();
         for (int j = 0; j < 8; ++j) {
             __m512i q[8];
+            if (NT == 1) prefetch_ahead(tq + 384 * j, 384);
             unpack_q6(tq + 384 * j, q);
             const __m512i sc_lo = load16_i8(ts + 32 + 16 * (2 * j)), sc_hi = load16_i8(ts + 32 + 16 * (2 * j + 1));
             for (int i = 0; i < NT; ++i) {
