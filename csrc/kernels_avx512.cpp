@@ -46,15 +46,17 @@ static inline __m512i bcast4z(const int8_t* p) {
     return _mm512_set1_epi32(v);
 }
 
-// The 8 weight vectors of one tile-block as unsigned bytes, in group order 0..7.
+// The 8 weight vectors of one tile-block as unsigned bytes, in group order 0..7. The high
+// nibbles stay in place (16 times their value): block_dot shifts their dot down once, which
+// costs one shift instead of four.
 template <int kType>
 static inline void unpack_block(const uint8_t* q, __m512i* wv) {
     if (kType != kQ8_0) {
-        const __m512i m4 = _mm512_set1_epi8(0x0f);
+        const __m512i lo4 = _mm512_set1_epi8(0x0f), hi4 = _mm512_set1_epi8(char(0xf0));
         for (int v = 0; v < 4; ++v) {
             const __m512i raw = _mm512_loadu_si512(q + v * 64);
-            wv[v] = _mm512_and_si512(raw, m4);
-            wv[4 + v] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
+            wv[v] = _mm512_and_si512(raw, lo4);
+            wv[4 + v] = _mm512_and_si512(raw, hi4);
         }
     } else {
         // int8 w + 128 as unsigned; the matching correction is 128 * sum(activations).
@@ -67,10 +69,17 @@ static inline void unpack_block(const uint8_t* q, __m512i* wv) {
 template <int kType>
 static inline __m512i block_dot(const __m512i* wv, const int8_t* x, int32_t xsum) {
     __m512i acc = _mm512_setzero_si512();
-    for (int g = 0; g < 8; ++g) {
-        // 4-bit nibble vectors are ordered (group v, group v+4) in wv[v], wv[4+v].
-        const int col = kType != kQ8_0 ? (g < 4 ? 4 * g : 16 + 4 * (g - 4)) : 4 * g;
-        acc = _mm512_dpbusd_epi32(acc, wv[g], bcast4z(x + col));
+    if (kType != kQ8_0) {
+        // wv[v]: low nibbles, columns 4v..; wv[4+v]: 16 x high nibbles, columns 16+4v.. (an
+        // exact multiple of 16, so the shift is exact); two independent chains.
+        __m512i hi = _mm512_setzero_si512();
+        for (int v = 0; v < 4; ++v) {
+            acc = _mm512_dpbusd_epi32(acc, wv[v], bcast4z(x + 4 * v));
+            hi = _mm512_dpbusd_epi32(hi, wv[4 + v], bcast4z(x + 16 + 4 * v));
+        }
+        acc = _mm512_add_epi32(acc, _mm512_srai_epi32(hi, 4));
+    } else {
+        for (int g = 0; g < 8; ++g) acc = _mm512_dpbusd_epi32(acc, wv[g], bcast4z(x + 4 * g));
     }
     // Q4_0 nibbles stand for q - 8, Q8_0 bytes were flipped to w + 128; Q4_1's min term is
     // added in float.

@@ -24,8 +24,15 @@ static inline __m512i emu_widen_bytes(__m128i v) {
     for (int i = 0; i < 16; ++i) a[i] = b[i];
     return _mm512_loadu_si512(a);
 }
+static inline __m512i emu_srai_epi32(__m512i v, int n) {
+    int32_t a[16];
+    _mm512_storeu_si512(a, v);
+    for (int i = 0; i < 16; ++i) a[i] >>= n;  // arithmetic, as vpsrad
+    return _mm512_loadu_si512(a);
+}
 #define _mm512_cvtepi32_ps emu_cvtepi32_ps
 #define _mm512_cvtph_ps emu_cvtph_ps
 #define _mm512_cvtepu8_epi32 emu_widen_bytes<uint8_t>
 #define _mm512_cvtepi8_epi32 emu_widen_bytes<int8_t>
+#define _mm512_srai_epi32 emu_srai_epi32
 #endif
