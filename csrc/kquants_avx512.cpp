@@ -102,20 +102,26 @@ struct Q4KScales {
     __m512 d, neg_dmin;
 };
 
-static inline void q4k_decode(const uint8_t* ts, Q4KScales* out) {
+// The 6-bit scale and min of sub-block j for the 16 rows of a tile-superblock (ts: its scale
+// bytes, kquants.h), one int32 lane per row.
+static inline void q4k_scale_min(const uint8_t* ts, int j, __m512i* sc, __m512i* mn) {
     const uint8_t* B = ts + 64;
+    if (j < 4) {
+        *sc = _mm512_and_si512(load16_u8(B + 16 * j), _mm512_set1_epi32(63));
+        *mn = _mm512_and_si512(load16_u8(B + 16 * (j + 4)), _mm512_set1_epi32(63));
+    } else {
+        const __m512i lo = load16_u8(B + 16 * (j + 4));
+        *sc = _mm512_or_si512(_mm512_and_si512(lo, _mm512_set1_epi32(15)),
+                              _mm512_slli_epi32(_mm512_srli_epi32(load16_u8(B + 16 * (j - 4)), 6), 4));
+        *mn = _mm512_or_si512(_mm512_srli_epi32(lo, 4),
+                              _mm512_slli_epi32(_mm512_srli_epi32(load16_u8(B + 16 * j), 6), 4));
+    }
+}
+
+static inline void q4k_decode(const uint8_t* ts, Q4KScales* out) {
     for (int j = 0; j < 8; ++j) {
         __m512i sc, mn;
-        if (j < 4) {
-            sc = _mm512_and_si512(load16_u8(B + 16 * j), _mm512_set1_epi32(63));
-            mn = _mm512_and_si512(load16_u8(B + 16 * (j + 4)), _mm512_set1_epi32(63));
-        } else {
-            const __m512i lo = load16_u8(B + 16 * (j + 4));
-            sc = _mm512_or_si512(_mm512_and_si512(lo, _mm512_set1_epi32(15)),
-                                 _mm512_slli_epi32(_mm512_srli_epi32(load16_u8(B + 16 * (j - 4)), 6), 4));
-            mn = _mm512_or_si512(_mm512_srli_epi32(lo, 4),
-                                 _mm512_slli_epi32(_mm512_srli_epi32(load16_u8(B + 16 * j), 6), 4));
-        }
+        q4k_scale_min(ts, j, &sc, &mn);
         out->sc[j] = sc;
         out->m[j] = _mm512_cvtepi32_ps(mn);
     }
@@ -168,7 +174,6 @@ static void q4k_tile_gemv(const uint8_t* quants, const uint8_t* scales, int64_t 
     for (int64_t s = 0; s < nsb; ++s) {
         const uint8_t* ts = scales + (t * nsb + s) * kQ4KTileScales;
         const uint8_t* tq = quants + (t * nsb + s) * kQ4KTileQuants;
-        const uint8_t* B = ts + 64;
         __m512 sd = _mm512_setzero_ps(), sm = _mm512_setzero_ps();
         for (int j = 0; j < 8; ++j) {
             const uint8_t* sub = tq + 256 * j;
@@ -182,16 +187,7 @@ static void q4k_tile_gemv(const uint8_t* quants, const uint8_t* scales, int64_t 
             }
             const __m512i dot = _mm512_add_epi32(dlo, _mm512_srai_epi32(dhi, 4));
             __m512i sc, mn;
-            if (j < 4) {
-                sc = _mm512_and_si512(load16_u8(B + 16 * j), _mm512_set1_epi32(63));
-                mn = _mm512_and_si512(load16_u8(B + 16 * (j + 4)), _mm512_set1_epi32(63));
-            } else {
-                const __m512i lo = load16_u8(B + 16 * (j + 4));
-                sc = _mm512_or_si512(_mm512_and_si512(lo, _mm512_set1_epi32(15)),
-                                     _mm512_slli_epi32(_mm512_srli_epi32(load16_u8(B + 16 * (j - 4)), 6), 4));
-                mn = _mm512_or_si512(_mm512_srli_epi32(lo, 4),
-                                     _mm512_slli_epi32(_mm512_srli_epi32(load16_u8(B + 16 * j), 6), 4));
-            }
+            q4k_scale_min(ts, j, &sc, &mn);
             const int64_t b = s * 8 + j;
             const __m512 p = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_cvtepi32_ps(sc));
             sd = _mm512_fmadd_ps(p, _mm512_set1_ps(a.d[b]), sd);
