@@ -37,7 +37,7 @@ PEER_PY = PEER_DIR / "venv" / "bin" / "python"
 PEER_TYPES = ("Q8_0", "Q4_0", "Q4_K_M")
 # (label, --dtype, quantizer)
 OUR_TYPES = (("f16", "f16", "mse"), ("q8_0", "q8_0", "mse"), ("q8_0 (ref rule)", "q8_0", "ref"),
-             ("q4_1", "q4_1", "mse"), ("q4_1 (ref rule)", "q4_1", "ref"), ("q4_0", "q4_0", "mse"),
+             ("q4_k_m", "q4_k_m", "mse"), ("q4_1", "q4_1", "mse"), ("q4_1 (ref rule)", "q4_1", "ref"), ("q4_0", "q4_0", "mse"),
              ("q4_0 (ref rule)", "q4_0", "ref"))
 
 
