@@ -184,8 +184,7 @@ private:
         const int64_t tok_chunks = (n_tok + kTokChunk - 1) / kTokChunk;
         // Enough tasks per thread that a slow core sheds work, few enough that claiming one is
         // noise next to running it.
-        static const int64_t per = getenv("LLAMACPU_TASKS") ? atoi(getenv("LLAMACPU_TASKS")) : 8;
-        const int64_t want = int64_t(pool_.size()) * per;
+        const int64_t want = int64_t(pool_.size()) * 8;
         const int64_t tiles_per_task = std::max<int64_t>(1, tiles * tok_chunks / want);
         const int64_t tile_tasks = (tiles + tiles_per_task - 1) / tiles_per_task;
         auto fn = w.dtype == kQ4_0 ? k_->matmul_q4_0 : w.dtype == kQ4_1 ? k_->matmul_q4_1 : k_->matmul_q8_0;
