@@ -214,26 +214,35 @@ static inline void q6_offsets(const int8_t* x, __m256i* off_lo, __m256i* off_hi)
 }
 
 
+// The four 6-bit quant vectors (columns 0-3, 4-7, 8-11, 12-15 of a 16-column group, one
+// byte per row) of one stored group of three vectors at p (kquants.h): three are the low 6
+// bits of the stored vectors, the fourth gathers their top bit pairs.
+static inline void q6_unpack(const uint8_t* p, __m256i* q) {
+    const __m256i m63 = _mm256_set1_epi8(63);
+    const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64));
+    const __m256i v2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 128));
+    q[0] = _mm256_and_si256(v0, m63);
+    q[1] = _mm256_and_si256(v1, m63);
+    q[2] = _mm256_and_si256(v2, m63);
+    q[3] = _mm256_or_si256(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v0, 6), _mm256_set1_epi8(0x03)),
+                                           _mm256_and_si256(_mm256_srli_epi16(v1, 4), _mm256_set1_epi8(0x0c))),
+                           _mm256_and_si256(_mm256_srli_epi16(v2, 2), _mm256_set1_epi8(0x30)));
+}
+
 // int32 lanes: sc_lo * sum_lo + sc_hi * sum_hi over one half (8 rows) of a Q6_K sub-block,
 // sum_lo / sum_hi the dots of its low / high 16 columns with x, each of (q - 32) * a.
 static inline __m256i q6_half_dot(const uint8_t* sub, int h, const int8_t* x, __m256i off_lo, __m256i off_hi,
                                   __m256i sc_lo, __m256i sc_hi) {
-    const __m256i m63 = _mm256_set1_epi8(63);
     __m256i sum[2];
     for (int t = 0; t < 2; ++t) {
-        const uint8_t* p = sub + 3 * t * 64 + h * 32;
-        const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-        const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64));
-        const __m256i v2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 128));
-        const __m256i q3 = _mm256_or_si256(
-            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v0, 6), _mm256_set1_epi8(0x03)),
-                            _mm256_and_si256(_mm256_srli_epi16(v1, 4), _mm256_set1_epi8(0x0c))),
-            _mm256_and_si256(_mm256_srli_epi16(v2, 2), _mm256_set1_epi8(0x30)));
+        __m256i q[4];
+        q6_unpack(sub + 3 * t * 64 + h * 32, q);
         const int8_t* xt = x + 16 * t;
-        __m256i s = _mm256_sub_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v0, m63), bcast4(xt)), t ? off_hi : off_lo);
-        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(v1, m63), bcast4(xt + 4)));
-        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(v2, m63), bcast4(xt + 8)));
-        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(q3, bcast4(xt + 12)));
+        __m256i s = _mm256_sub_epi16(_mm256_maddubs_epi16(q[0], bcast4(xt)), t ? off_hi : off_lo);
+        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(q[1], bcast4(xt + 4)));
+        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(q[2], bcast4(xt + 8)));
+        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(q[3], bcast4(xt + 12)));
         __asm__("" : "+x"(s));  // a running sum (see q4k_tile_gemv)
         sum[t] = s;
     }
@@ -293,7 +302,6 @@ static inline void q6k_decode(const uint8_t* ts, Q6KHalf* out) {
 template <int NT>
 static void q6k_tokens(const uint8_t* tq, const Q6KHalf* dec, int64_t nsb, const ActQ8& a, int64_t tok0, int nh,
                        __m256 (*acc)[NT]) {
-    const __m256i m63 = _mm256_set1_epi8(63);
     for (int64_t s = 0; s < nsb; ++s) {
         __m256i off[NT][8][2];
         for (int i = 0; i < NT; ++i)
@@ -307,21 +315,14 @@ static void q6k_tokens(const uint8_t* tq, const Q6KHalf* dec, int64_t nsb, const
                 __m256i dot[NT];
                 for (int i = 0; i < NT; ++i) dot[i] = _mm256_setzero_si256();
                 for (int t = 0; t < 2; ++t) {
-                    const uint8_t* p = sq + 384 * j + 3 * t * 64 + h * 32;
-                    const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-                    const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64));
-                    const __m256i v2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 128));
-                    const __m256i q3 = _mm256_or_si256(
-                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v0, 6), _mm256_set1_epi8(0x03)),
-                                        _mm256_and_si256(_mm256_srli_epi16(v1, 4), _mm256_set1_epi8(0x0c))),
-                        _mm256_and_si256(_mm256_srli_epi16(v2, 2), _mm256_set1_epi8(0x30)));
-                    const __m256i q0 = _mm256_and_si256(v0, m63), q1 = _mm256_and_si256(v1, m63), q2 = _mm256_and_si256(v2, m63);
+                    __m256i q[4];
+                    q6_unpack(sq + 384 * j + 3 * t * 64 + h * 32, q);
                     for (int i = 0; i < NT; ++i) {
                         const int8_t* x = a.q + (tok0 + i) * a.ldq + (s * 8 + j) * kBlock + 16 * t;
-                        __m256i sum = _mm256_sub_epi16(_mm256_maddubs_epi16(q0, bcast4(x)), off[i][j][t]);
-                        sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(q1, bcast4(x + 4)));
-                        sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(q2, bcast4(x + 8)));
-                        sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(q3, bcast4(x + 12)));
+                        __m256i sum = _mm256_sub_epi16(_mm256_maddubs_epi16(q[0], bcast4(x)), off[i][j][t]);
+                        sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(q[1], bcast4(x + 4)));
+                        sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(q[2], bcast4(x + 8)));
+                        sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(q[3], bcast4(x + 12)));
                         dot[i] = _mm256_add_epi32(dot[i], _mm256_madd_epi16(sum, t ? hs.hi[j] : hs.lo[j]));
                         __asm__("" : "+x"(dot[i]));  // a running sum per token (see q4k_tile_gemv)
                     }

@@ -23,21 +23,9 @@ from llamacpu.tokenizer import StreamDecoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fuzz"))
 import seeds  # noqa: E402
+from test_cli import cli_env, run_cli  # noqa: E402
 
 LONG = "The little dog ran to the park and played with a red ball all day long. " * 60  # ~1000 tokens
-
-
-def cli_env() -> dict:
-    env = dict(os.environ)
-    env.pop("LLAMACPU_DEBUG", None)
-    here = os.path.dirname(os.path.dirname(os.path.abspath(llamacpu.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([here] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    return env
-
-
-def run_cli(*args, stdin: bytes = b"", timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llamacpu.cli", *map(str, args)], input=stdin,
-                          capture_output=True, timeout=timeout, env=cli_env())
 
 
 def assert_clean_exit(proc) -> str:

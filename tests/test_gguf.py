@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,9 @@ from llamacpu.convert import open_checkpoint, open_source  # noqa: E402
 from llamacpu.convert.gguf import (GGML_TYPES, dequantize_blocks, open_gguf,  # noqa: E402
                                    read_gguf, read_gguf_tokenizer)
 from llamacpu.errors import CheckpointError, LlamaCPUError, ModelFileError, ModelNotFoundError  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "fuzz"))
+from seeds import spm_vocab  # noqa: E402  (the fuzz seeds' GGUF writer lists vocabularies the same way)
 
 Q = gguf.GGMLQuantizationType
 
@@ -49,20 +53,6 @@ def stories():
     """stories260K's Meta-layout weights {canonical name: float32 array} and its config."""
     with open_checkpoint(asset("stories260K/meta")) as ck:
         return {k: t.read() for k, t in ck.tensors.items()}, ck.config, ck.tokenizer_data
-
-
-def spm_vocab(model_bytes: bytes):
-    """tokens, scores, types of a SentencePiece model, as llama.cpp's converter lists them."""
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_proto=model_bytes)
-    tokens, scores, types = [], [], []
-    for i in range(sp.vocab_size()):
-        tokens.append(sp.IdToPiece(i))
-        scores.append(sp.GetScore(i))
-        types.append(2 if sp.IsUnknown(i) else 3 if sp.IsControl(i) else 5 if sp.IsUnused(i)
-                     else 6 if sp.IsByte(i) else 1)
-    return tokens, scores, types, sp
 
 
 def add_hparams(w, cfg, **over):

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import isa_paths
+from test_kernels import np_quantize_act  # the activation quantizer, as the kernels do it
 
 from llamacpu import _core
 from llamacpu.convert.gguf import dequantize_blocks, k_block_fields
@@ -72,19 +73,6 @@ def tiles(dt: int, w: np.ndarray, method: str = "mse") -> np.ndarray:
     buf = np.zeros(_core.matrix_bytes(dt, *w.shape), np.uint8)
     _core.quantize_k_tiles(dt, np.ascontiguousarray(w, np.float32), buf, method)
     return buf
-
-
-def np_quantize_act(x: np.ndarray):
-    """Activation rows [T, K] -> int8 q, float32 d, int32 s per 32-block (KernelTable::quantize_row_q8)."""
-    t, k = x.shape
-    xb = x.reshape(t, k // 32, 32)
-    amax = np.abs(xb).max(-1)
-    d = (amax / np.float32(127)).astype(np.float32)
-    with np.errstate(divide="ignore", over="ignore"):
-        inv = (np.float32(127) / amax).astype(np.float32)
-    inv = np.where(np.isfinite(inv), inv, np.float32(0)).astype(np.float32)
-    q = np.rint(xb * inv[..., None]).astype(np.int8)
-    return q.reshape(t, k), d, q.astype(np.int32).sum(-1)
 
 
 def reference(dt: int, f: dict, x: np.ndarray) -> tuple:

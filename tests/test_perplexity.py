@@ -8,7 +8,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,6 +16,7 @@ import pytest
 
 from conftest import REPO, asset
 from reference import reference_logits
+from test_cli import run_cli
 
 import llamacpu
 from llamacpu.errors import UsageError
@@ -176,19 +176,10 @@ def test_text_shorter_than_two_chunks_is_refused():
 
 # ---- the command ---------------------------------------------------------------------------
 
-def run_cli(*args):
-    env = dict(os.environ)
-    here = os.path.dirname(os.path.dirname(os.path.abspath(llamacpu.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([here] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    env.pop("LLAMACPU_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "llamacpu.cli", *map(str, args)], capture_output=True,
-                          timeout=120, env=env)
-
-
 def test_command_prints_the_estimate_and_json(f32_model, tmp_path):
     text = tmp_path / "story.txt"
     text.write_bytes(STORY.replace(". ", ".\r\n").encode())  # CRLF line ends are read as LF
-    proc = run_cli("perplexity", f32_model, text, "--ctx", CTX, "-t", 1, "--json")
+    proc = run_cli("perplexity", f32_model, text, "--ctx", CTX, "-t", 1, "--json", timeout=120)
     assert proc.returncode == 0, proc.stderr.decode()
     lines = proc.stdout.decode().splitlines()
     assert lines[0].startswith("PPL = ") and "+/-" in lines[0]
@@ -204,7 +195,7 @@ def test_command_prints_the_estimate_and_json(f32_model, tmp_path):
 def test_command_refuses_a_short_text_in_one_line(f32_model, tmp_path):
     text = tmp_path / "short.txt"
     text.write_text("Once upon a time.")
-    proc = run_cli("perplexity", f32_model, text, "--ctx", CTX)
+    proc = run_cli("perplexity", f32_model, text, "--ctx", CTX, timeout=120)
     err = proc.stderr.decode()
     assert proc.returncode != 0 and len(err.splitlines()) == 1 and "needs at least 128" in err
 

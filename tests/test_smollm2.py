@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import test_cli
+
 import llamacpu
 from llamacpu import registry
 from llamacpu.errors import ModelNotFoundError
@@ -99,9 +101,7 @@ def gguf_path(wheel_dir, tmp_path_factory) -> Path:
 def cli_env(home: Path, **extra) -> dict:
     """The test's environment for a child `llamacpu`: the llamacpu this process imported first
     on the path (dev tree or installed), its own model cache, and no pip settings but extra."""
-    env = {k: v for k, v in os.environ.items() if k not in PIP_VARS and k != "LLAMACPU_DEBUG"}
-    here = os.path.dirname(os.path.dirname(os.path.abspath(llamacpu.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([here] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env = {k: v for k, v in test_cli.cli_env().items() if k not in PIP_VARS}
     env["LLAMACPU_HOME"] = str(home)
     env.update(extra)
     return env

@@ -219,8 +219,11 @@ int64_t n_terms(const QMatrix& m) { return m.type == kQ4_1 ? 2 * m.nb() : m.nb()
 
 using MatmulQ = void (*)(const uint8_t*, int64_t, int64_t, int64_t, int64_t, const ActQ8&, float*, int64_t, bool);
 
-void check_matmul_q_case(Result& res, MatmulQ got_fn, MatmulQ want_fn, const QMatrix& m, const Acts& a,
-                         int64_t tile0, int64_t tile1, bool accumulate) {
+// One tile range of a quantized matmul against the fused reference (bit for bit) and the
+// scalar path (within the rounding of `terms` float sums); rows outside the range untouched.
+template <typename M, typename Fused>
+void check_tiles_case(Result& res, MatmulQ got_fn, MatmulQ want_fn, const M& m, const Acts& a, int64_t tile0,
+                      int64_t tile1, bool accumulate, Fused fused_of, int64_t terms) {
     const int64_t T = a.view.T, ldo = m.rows + 3;
     std::vector<float> init(T * ldo);
     for (float& v : init) v = uniform(-1.0f, 1.0f);
@@ -241,12 +244,17 @@ void check_matmul_q_case(Result& res, MatmulQ got_fn, MatmulQ want_fn, const QMa
                 continue;
             }
             double magnitude;
-            const float fused = fused_row(m, a, n, tok, &magnitude);
+            const float fused = fused_of(m, a, n, tok, &magnitude);
             res.same_float(got[i], accumulate ? init[i] + fused : fused, [&] { return where("vs fused reference"); });
-            const double tol = sum_tolerance(n_terms(m)) * (magnitude + std::fabs(init[i]));
-            res.close(got[i], want[i], tol, [&] { return where("vs scalar"); });
+            res.close(got[i], want[i], sum_tolerance(terms) * (magnitude + std::fabs(init[i])),
+                      [&] { return where("vs scalar"); });
         }
     }
+}
+
+void check_matmul_q_case(Result& res, MatmulQ got_fn, MatmulQ want_fn, const QMatrix& m, const Acts& a,
+                         int64_t tile0, int64_t tile1, bool accumulate) {
+    check_tiles_case(res, got_fn, want_fn, m, a, tile0, tile1, accumulate, fused_row, n_terms(m));
 }
 
 MatmulQ matmul_of(const KernelTable& table, int32_t type) {
@@ -384,34 +392,9 @@ float fused_row_k(const KMatrix& m, const Acts& a, int64_t n, int64_t tok, doubl
 
 void check_matmul_k_case(Result& res, MatmulQ got_fn, MatmulQ want_fn, const KMatrix& m, const Acts& a,
                          int64_t tile0, int64_t tile1, bool accumulate) {
-    const int64_t T = a.view.T, ldo = m.rows + 3;
-    std::vector<float> init(T * ldo);
-    for (float& v : init) v = uniform(-1.0f, 1.0f);
-    std::vector<float> got = init, want = init;
-    got_fn(m.bytes.data(), m.rows, m.k, tile0, tile1, a.view, got.data(), ldo, accumulate);
-    want_fn(m.bytes.data(), m.rows, m.k, tile0, tile1, a.view, want.data(), ldo, accumulate);
-    const int64_t n_begin = tile0 * kTileRows, n_end = std::min(tile1 * kTileRows, m.rows);
     // Terms the scalar path rounds: two per sub-block (one for Q6_K), two per super-block.
     const int64_t terms = (m.type == kQ4_K ? 2 : 1) * (m.k / kBlock) + 2 * m.nsb();
-    for (int64_t tok = 0; tok < T; ++tok) {
-        for (int64_t n = 0; n < ldo; ++n) {
-            const int64_t i = tok * ldo + n;
-            auto where = [&](const char* what) {
-                return fmt("rows %lld k %lld T %lld tiles [%lld,%lld) acc %d: token %lld row %lld %s",
-                           (long long)m.rows, (long long)m.k, (long long)T, (long long)tile0, (long long)tile1,
-                           int(accumulate), (long long)tok, (long long)n, what);
-            };
-            if (n < n_begin || n >= n_end) {
-                res.same_bits(bits_of(got[i]), bits_of(init[i]), [&] { return where("(must stay untouched)"); });
-                continue;
-            }
-            double magnitude;
-            const float fused = fused_row_k(m, a, n, tok, &magnitude);
-            res.same_float(got[i], accumulate ? init[i] + fused : fused, [&] { return where("vs fused reference"); });
-            res.close(got[i], want[i], sum_tolerance(terms) * (magnitude + std::fabs(init[i])),
-                      [&] { return where("vs scalar"); });
-        }
-    }
+    check_tiles_case(res, got_fn, want_fn, m, a, tile0, tile1, accumulate, fused_row_k, terms);
 }
 
 Result check_matmul_k(int32_t type) {
