@@ -43,8 +43,14 @@ ln -s "$repo/convert" "$tree/llamacpu/convert"
 so="$(find "$build" -maxdepth 1 -name '_core*.so' | head -n 1)"
 [ -n "$so" ] || { echo "sanitize: no _core*.so in $build" >&2; exit 1; }
 ln -s "$so" "$tree/llamacpu/"
-if command -v ldd >/dev/null 2>&1 && ! ldd "$so" | grep -q libasan; then
-  echo "sanitize: $so is not linked with AddressSanitizer" >&2; exit 1
+# ldd's output is taken whole first: under pipefail, `ldd | grep -q` fails at random when
+# grep stops reading at the first match and ldd, still writing, dies of SIGPIPE.
+if command -v ldd >/dev/null 2>&1; then
+  deps="$(ldd "$so")"
+  case "$deps" in
+    *libasan*) ;;
+    *) echo "sanitize: $so is not linked with AddressSanitizer" >&2; exit 1 ;;
+  esac
 fi
 
 # ---- run -----------------------------------------------------------------------------------
