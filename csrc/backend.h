@@ -12,11 +12,16 @@
 
 namespace llamacpu {
 
-// A weight matrix [rows, cols] viewing memory owned elsewhere (the model file's mapping).
+// A weight matrix [rows, cols] viewing memory owned elsewhere (the model file's mapping),
+// or, when data is null and fd is set, stored in that file at file_offset and read a row at
+// a time (an embedding table: a mapping would keep every page a token ever touched, and the
+// pages around it, in the process's resident memory).
 struct Matrix {
     int32_t dtype = kF32;
     int64_t rows = 0, cols = 0;
     const uint8_t* data = nullptr;
+    int fd = -1;
+    int64_t file_offset = 0;
 };
 
 // Keys and values of every layer, [layer][kv_head][pos][head_dim], f16 or f32. Each
@@ -72,5 +77,9 @@ std::unique_ptr<Backend> make_cpu_backend(int n_threads, const KernelTable* kern
 
 // Row r of a matrix of any type, as floats.
 void dequantize_row(const Matrix& m, int64_t r, float* out);
+
+// The same for a matrix in memory or in a file (Matrix::fd); scratch holds what is read.
+// Throws std::runtime_error when the file can no longer be read (truncated while in use).
+void read_row(const Matrix& m, int64_t r, float* out, std::vector<uint8_t>& scratch);
 
 }  // namespace llamacpu

@@ -5,6 +5,10 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
@@ -28,9 +32,15 @@ namespace {
 
 // A weight matrix viewing a Python buffer (normally the model file's mmap), which stays
 // exported, and so alive and unclosable, for as long as this object exists.
+struct FileHandle {
+    int fd;
+    ~FileHandle() { ::close(fd); }
+};
+
 struct PyMatrix {
     Matrix m;
     std::unique_ptr<py::buffer_info> view;
+    std::unique_ptr<FileHandle> file;  // a matrix read from a file by rows (Matrix::fd)
     // A matrix stored as row segments of different types (a fused q/k/v whose v rows are more
     // precise): the segments in row order. m then has their total rows and no data of its own.
     std::vector<std::shared_ptr<PyMatrix>> parts;
@@ -43,7 +53,8 @@ std::shared_ptr<PyMatrix> make_stacked(const std::vector<std::shared_ptr<PyMatri
     auto pm = std::make_shared<PyMatrix>();
     pm->m.dtype = kStacked;
     for (const auto& p : parts) {
-        if (!p || !p->parts.empty()) throw std::invalid_argument("stacked: the parts must be plain matrices");
+        if (!p || !p->parts.empty() || !p->m.data)
+            throw std::invalid_argument("stacked: the parts must be plain matrices in memory");
         if (p->m.cols != parts[0]->m.cols) throw std::invalid_argument("stacked: the parts differ in columns");
         pm->m.rows += p->m.rows;  // each below 2^31, at most 16 of them: no overflow
     }
@@ -74,6 +85,28 @@ std::shared_ptr<PyMatrix> make_matrix(py::buffer buf, int64_t offset, int32_t dt
     pm->m.cols = cols;
     pm->m.data = static_cast<const uint8_t*>(info->ptr) + offset;
     pm->view = std::move(info);
+    return pm;
+}
+
+// A matrix left in the file: its rows are read on demand with pread from a duplicate of fd,
+// so the matrix outlives whatever owns fd. Only an embedding table's rows are ever needed.
+std::shared_ptr<PyMatrix> file_matrix(int fd, int64_t offset, int32_t dtype, int64_t rows, int64_t cols) {
+    const int64_t need_bytes = matrix_bytes(dtype, rows, cols);
+    if (need_bytes < 0) throw std::invalid_argument("matrix: bad dtype or shape");
+    struct stat st;
+    if (fd < 0 || ::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))
+        throw std::invalid_argument("matrix: fd is not an open regular file");
+    if (offset < 0 || offset > st.st_size || need_bytes > st.st_size - offset)
+        throw std::invalid_argument("matrix: data lies outside the file");
+    const int own = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (own < 0) throw std::runtime_error("matrix: cannot duplicate the file descriptor");
+    auto pm = std::make_shared<PyMatrix>();
+    pm->file.reset(new FileHandle{own});
+    pm->m.dtype = dtype;
+    pm->m.rows = rows;
+    pm->m.cols = cols;
+    pm->m.fd = own;
+    pm->m.file_offset = offset;
     return pm;
 }
 
@@ -191,6 +224,7 @@ public:
 
     void matmul(std::shared_ptr<PyMatrix> w, py::array x, py::array out, bool accumulate) {
         Rows xr = rows_of(x, "x", false), o = rows_of(out, "out", true);
+        need(w->m.data || !w->parts.empty(), "matmul: the weight matrix is not in memory (a by-row file matrix)");
         need(xr.cols == w->m.cols, "matmul: x columns != weight columns");
         need(o.cols == w->m.rows, "matmul: out columns != weight rows");
         need(xr.rows == o.rows, "matmul: x rows != out rows");
@@ -474,6 +508,9 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("dtype", [](const PyMatrix& p) { return p.m.dtype; })
         .def_property_readonly("rows", [](const PyMatrix& p) { return p.m.rows; })
         .def_property_readonly("cols", [](const PyMatrix& p) { return p.m.cols; })
+        .def_static("from_file", &file_matrix, py::arg("fd"), py::arg("offset"), py::arg("dtype"), py::arg("rows"),
+                    py::arg("cols"), "A matrix left in the file, its rows read on demand (for embed)")
+        .def_property_readonly("in_memory", [](const PyMatrix& p) { return p.m.data != nullptr || !p.parts.empty(); })
         .def_static("stacked", &make_stacked, py::arg("parts"),
                     "One matrix made of row segments (matrices of the same columns, any types); dtype -1")
         .def_property_readonly("parts", [](const PyMatrix& p) {
@@ -485,7 +522,8 @@ PYBIND11_MODULE(_core, m) {
             if (r < 0 || r >= p.m.rows) throw std::invalid_argument("row out of range");
             py::array_t<float> out(p.m.cols);
             const auto [m, rr] = row_home(p, r);
-            dequantize_row(*m, rr, out.mutable_data());
+            std::vector<uint8_t> scratch;
+            read_row(*m, rr, out.mutable_data(), scratch);
             return out;
         });
 

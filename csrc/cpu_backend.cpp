@@ -129,7 +129,9 @@ public:
 
     void embed(const Matrix& m, const int32_t* tokens, int64_t n_tok, float* out, int64_t ldo) override {
         for (int64_t t = 0; t < n_tok; ++t) {
-            if (m.dtype == kF16) {
+            if (!m.data) {
+                read_row(m, tokens[t], out + t * ldo, row_scratch_);
+            } else if (m.dtype == kF16) {
                 k_->f16_to_f32(reinterpret_cast<const uint16_t*>(m.data) + int64_t(tokens[t]) * m.cols, out + t * ldo,
                                m.cols);
             } else {
@@ -225,6 +227,7 @@ private:
     std::vector<float> act_d_;
     std::vector<int32_t> act_s_;
     std::vector<float> scratch_scores_;
+    std::vector<uint8_t> row_scratch_;
 };
 
 }  // namespace

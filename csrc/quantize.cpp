@@ -2,9 +2,13 @@
 // (embedding lookups, tests). Plain scalar code: it runs once per model, not per token.
 #include "quantize.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <stdexcept>
+#include <cerrno>
 
 #include "kquants.h"
 
@@ -336,6 +340,50 @@ void dequantize_row(const Matrix& m, int64_t row, float* out) {
             out[b * kBlock + c] = m.dtype == kQ4_0 ? d * float(q - 8) : d * float(q) + mn;
         }
     }
+}
+
+namespace {
+
+void pread_all(int fd, uint8_t* dst, int64_t len, int64_t off) {
+    while (len > 0) {
+        const ssize_t n = ::pread(fd, dst, size_t(len), off_t(off));
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) throw std::runtime_error("model file: cannot read a weight row (file truncated or removed while in use?)");
+        dst += n;
+        off += n;
+        len -= n;
+    }
+}
+
+}  // namespace
+
+void read_row(const Matrix& m, int64_t r, float* out, std::vector<uint8_t>& scratch) {
+    if (m.data) return dequantize_row(m, r, out);
+    if (m.dtype == kF32 || m.dtype == kF16) {
+        const int64_t es = m.dtype == kF32 ? 4 : 2, len = m.cols * es;
+        scratch.resize(size_t(len));
+        pread_all(m.fd, scratch.data(), len, m.file_offset + r * len);
+        Matrix row = m;
+        row.rows = 1;
+        row.data = scratch.data();
+        return dequantize_row(row, 0, out);
+    }
+    // A quantized row lives in its 16-row tile: the tile's quants (one contiguous run) and its
+    // scales (another). Read both into a one-tile matrix of the same layout.
+    int64_t nb, qb, sb;
+    if (is_kquant(m.dtype)) {
+        nb = m.cols / kSuperBlock, qb = k_tile_quant_bytes(m.dtype), sb = k_tile_scale_bytes(m.dtype);
+    } else {
+        nb = m.cols / kBlock, qb = tile_block_quant_bytes(m.dtype), sb = tile_block_scale_bytes(m.dtype);
+    }
+    const int64_t t = r / kTileRows, tiles = n_tiles(m.rows);
+    scratch.resize(size_t(nb * (qb + sb)));
+    pread_all(m.fd, scratch.data(), nb * qb, m.file_offset + t * nb * qb);
+    pread_all(m.fd, scratch.data() + nb * qb, nb * sb, m.file_offset + tiles * nb * qb + t * nb * sb);
+    Matrix tile = m;
+    tile.rows = kTileRows;
+    tile.data = scratch.data();
+    dequantize_row(tile, r % kTileRows, out);
 }
 
 }  // namespace llamacpu

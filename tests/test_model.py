@@ -189,6 +189,52 @@ def test_meta_and_hf_layouts_convert_to_the_same_model(stories_models, hf_models
         assert np.array_equal(meta.logits(toks), hf.logits(toks))
 
 
+# ---- an untied output matrix ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def untied_models(tmp_path_factory):
+    """stories260K with an output matrix of its own (its embedding rows in another order, so a
+    mix-up of the two tables shows), as f32 and q8_0 files, and the reference's folder."""
+    from safetensors.numpy import load_file, save_file
+
+    from llamacpu.convert import convert_checkpoint, open_checkpoint
+
+    src = asset("stories260K/hf")
+    d = tmp_path_factory.mktemp("untied")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["tie_word_embeddings"] = False
+    weights = load_file(str(src / "model.safetensors"))
+    weights["lm_head.weight"] = np.ascontiguousarray(np.roll(weights["model.embed_tokens.weight"], 7, axis=0))
+    (d / "hf").mkdir()
+    (d / "hf" / "config.json").write_text(json.dumps(cfg))
+    save_file(weights, str(d / "hf" / "model.safetensors"))
+    shutil.copy(src / "tokenizer.model", d / "hf" / "tokenizer.model")
+    out = {}
+    for dtype in ("f32", "q8_0"):
+        out[dtype] = d / f"untied-{dtype}.bin"
+        with open_checkpoint(d / "hf") as ck:
+            assert not ck.config.tied_output
+            convert_checkpoint(ck, out[dtype], dtype, progress=False)
+    return out, d / "hf"
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_untied_model_reads_embedding_rows_from_the_file(untied_models, prompts, isa):
+    """The untied table is read by rows from the file (never mapped); logits still match the
+    reference, for a prompt batch and token by token."""
+    files, hf_dir = untied_models
+    toks = prompts["long"]
+    ref = reference_logits(toks, hf_dir=hf_dir)
+    with load(files["f32"], isa=isa) as llm:
+        assert not llm._model.tok_embeddings.in_memory and llm._model.output.in_memory
+        got = llm.logits(toks)
+        assert np.abs(got - ref).max() <= F32_MAX_ABS
+    with load(files["q8_0"], isa=isa, n_batch=1) as llm:
+        got = llm.logits(toks)
+    max_kl, min_top1 = QUANT_BOUNDS["q8_0"]
+    assert mean_kl(ref, got) <= max_kl and top1_agreement(ref, got) >= min_top1
+
+
 # ---- context shift --------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -272,15 +272,17 @@ class MappedModelFile:
                 _fail(path, f"too small to be a llamacpu model file ({size} bytes)")
             self.mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         except OSError as e:
-            raise ModelFileError(f"{path}: cannot map ({e.strerror})") from None
-        finally:
             os.close(fd)
+            raise ModelFileError(f"{path}: cannot map ({e.strerror})") from None
+        # Kept open: tensors read by rows instead of through the mapping (model.py) use it.
+        self.fd = fd
         self.size = size
         try:
             self.meta = parse(self.mm, self.path, size)
             self._check_shapes()
         except BaseException:
             self.mm.close()
+            os.close(fd)
             raise
 
     def _check_shapes(self):
@@ -306,6 +308,9 @@ class MappedModelFile:
         except BufferError:
             # Some view is still alive; the mapping goes when the last one does.
             pass
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def write_model_file(out_path, meta: dict, tensors: list, tokenizer_blob: bytes, fill, progress=None):

@@ -83,9 +83,17 @@ class Transformer:
             t = tensors[name]
             return np.frombuffer(mf.mm, np.float32, t.shape[0], t.offset)
 
-        self.tok_embeddings = matrix("tok_embeddings")
+        if cfg.tied_output or tensors["tok_embeddings"].segments:
+            self.tok_embeddings = matrix("tok_embeddings")
+            self.output = self.tok_embeddings if cfg.tied_output else matrix("output")
+        else:
+            # Only embed reads this table, a row per token: rows come from the file by pread,
+            # and the table never adds to resident memory (through a mapping, every row a
+            # prompt touched would stay resident, with the pages the kernel maps around it).
+            t = tensors["tok_embeddings"]
+            self.tok_embeddings = _core.Matrix.from_file(mf.fd, t.offset, DTYPES[t.dtype], t.shape[0], t.shape[1])
+            self.output = matrix("output")
         self.norm = vector("norm")
-        self.output = self.tok_embeddings if cfg.tied_output else matrix("output")
         self.layers = [
             Layer(vector(p + "attention_norm"), matrix(p + "wqkv"), matrix(p + "wo"), vector(p + "ffn_norm"),
                   matrix(p + "w13"), matrix(p + "w2"))
