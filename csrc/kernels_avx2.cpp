@@ -23,15 +23,27 @@ static inline const uint16_t* tile_scales(const uint8_t* w, int64_t ntiles, int6
     return reinterpret_cast<const uint16_t*>(w + ntiles * nb * qbytes);
 }
 
-// Integer dot of one 4-bit half-tile block (8 rows) with one activation block, minus corr:
-// lane r is row r.
-static inline __m256i q4_block_dot(const __m256i* wv, const int8_t* x, int32_t corr) {
-    __m256i s = _mm256_setzero_si256();
+// Integer dots of one 4-bit tile block (16 rows, both halves) with one activation block,
+// minus corr: lane r of d0 is row r, of d1 row 8 + r. Each 4-byte activation group is
+// broadcast once for both halves, and the working set (mask, two broadcasts, two raw vectors,
+// two sums) stays in registers, so the loop around it spills nothing.
+static inline void q4_tile_block_dot(const uint8_t* q, const int8_t* x, int32_t corr, __m256i* d0, __m256i* d1) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
     for (int v = 0; v < 4; ++v) {
-        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(wv[v], bcast4(x + 4 * v)));
-        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(wv[4 + v], bcast4(x + 16 + 4 * v)));
+        const __m256i xlo = bcast4(x + 4 * v), xhi = bcast4(x + 16 + 4 * v);
+        const __m256i r0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + v * 64));
+        const __m256i r1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + v * 64 + 32));
+        s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(_mm256_and_si256(r0, m4), xlo));
+        s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(_mm256_and_si256(r1, m4), xlo));
+        s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(r0, 4), m4), xhi));
+        s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(r1, 4), m4), xhi));
+        // Running sums (see half_block_dots): a reassociated tree of all 16 products spills.
+        __asm__("" : "+x"(s0), "+x"(s1));
     }
-    return _mm256_sub_epi32(_mm256_madd_epi16(s, _mm256_set1_epi16(1)), _mm256_set1_epi32(corr));
+    const __m256i ones = _mm256_set1_epi16(1), c = _mm256_set1_epi32(corr);
+    *d0 = _mm256_sub_epi32(_mm256_madd_epi16(s0, ones), c);
+    *d1 = _mm256_sub_epi32(_mm256_madd_epi16(s1, ones), c);
 }
 
 // Q4_0 nibbles stand for q - 8: the dot subtracts 8 * sum(x). Q4_1's stand for q and the min
@@ -39,15 +51,6 @@ static inline __m256i q4_block_dot(const __m256i* wv, const int8_t* x, int32_t c
 template <int kType>
 static inline int32_t q4_corr(int32_t xsum) {
     return kType == kQ4_0 ? 8 * xsum : 0;
-}
-
-static inline void q4_unpack(const uint8_t* q, __m256i* wv) {
-    const __m256i m4 = _mm256_set1_epi8(0x0f);
-    for (int v = 0; v < 4; ++v) {
-        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + v * 64));
-        wv[v] = _mm256_and_si256(raw, m4);
-        wv[4 + v] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
-    }
 }
 
 static inline __m256i q8_block_dot(const uint8_t* q, const int8_t* x) {
@@ -153,11 +156,7 @@ static inline void tile_gemv(const uint8_t* quants, const uint16_t* scales, int6
         prefetch_ahead(q, qbytes);
         __m256i d0, d1;
         if (kType != kQ8_0) {
-            __m256i wv[8];
-            q4_unpack(q, wv);
-            d0 = q4_block_dot(wv, x, q4_corr<kType>(a.s[b]));
-            q4_unpack(q + 32, wv);
-            d1 = q4_block_dot(wv, x, q4_corr<kType>(a.s[b]));
+            q4_tile_block_dot(q, x, q4_corr<kType>(a.s[b]), &d0, &d1);
         } else {
             d0 = q8_block_dot(q, x);
             d1 = q8_block_dot(q + 32, x);
