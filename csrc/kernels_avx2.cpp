@@ -23,24 +23,11 @@ static inline const uint16_t* tile_scales(const uint8_t* w, int64_t ntiles, int6
     return reinterpret_cast<const uint16_t*>(w + ntiles * nb * qbytes);
 }
 
-// Integer dots of one 4-bit tile block (16 rows, both halves) with one activation block,
-// minus corr: lane r of d0 is row r, of d1 row 8 + r. Each 4-byte activation group is
-// broadcast once for both halves, and the working set (mask, two broadcasts, two raw vectors,
-// two sums) stays in registers, so the loop around it spills nothing.
+// Integer dots of one 4-bit tile block (16 rows) with one activation block, minus corr: lane
+// r of d0 is row r, of d1 row 8 + r.
 static inline void q4_tile_block_dot(const uint8_t* q, const int8_t* x, int32_t corr, __m256i* d0, __m256i* d1) {
-    const __m256i m4 = _mm256_set1_epi8(0x0f);
-    __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
-    for (int v = 0; v < 4; ++v) {
-        const __m256i xlo = bcast4(x + 4 * v), xhi = bcast4(x + 16 + 4 * v);
-        const __m256i r0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + v * 64));
-        const __m256i r1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + v * 64 + 32));
-        s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(_mm256_and_si256(r0, m4), xlo));
-        s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(_mm256_and_si256(r1, m4), xlo));
-        s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(r0, 4), m4), xhi));
-        s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(r1, 4), m4), xhi));
-        // Running sums (see half_block_dots): a reassociated tree of all 16 products spills.
-        __asm__("" : "+x"(s0), "+x"(s1));
-    }
+    __m256i s0, s1;
+    q4_tile_nibble_sums(q, x, &s0, &s1);
     const __m256i ones = _mm256_set1_epi16(1), c = _mm256_set1_epi32(corr);
     *d0 = _mm256_sub_epi32(_mm256_madd_epi16(s0, ones), c);
     *d1 = _mm256_sub_epi32(_mm256_madd_epi16(s1, ones), c);

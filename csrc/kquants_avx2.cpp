@@ -87,7 +87,6 @@ static inline void q4k_min_terms(const uint8_t* B, __m256 sa8, __m256* sm0, __m2
 // once for the 16 rows.
 static void q4k_tile_gemv(const uint8_t* quants, const uint8_t* scales, int64_t nsb, int64_t t, const ActQ8& a,
                           float* out, int64_t n_rows, bool accumulate) {
-    const __m256i m4 = _mm256_set1_epi8(0x0f);
     // Row r's lane gets bytes (r, zero, r, zero); -1 selects zero.
     const __m256i pair_idx = _mm256_setr_epi8(0, -1, 0, -1, 1, -1, 1, -1, 2, -1, 2, -1, 3, -1, 3, -1,
                                               4, -1, 4, -1, 5, -1, 5, -1, 6, -1, 6, -1, 7, -1, 7, -1);
@@ -102,19 +101,8 @@ static void q4k_tile_gemv(const uint8_t* quants, const uint8_t* scales, int64_t 
             const int8_t* x = a.q + (s * 8 + j) * kBlock;
             const uint8_t* sub = tq + 256 * j;
             prefetch_ahead(sub, 256);
-            __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
-            for (int v = 0; v < 4; ++v) {
-                const __m256i xl = bcast4(x + 4 * v), xh = bcast4(x + 16 + 4 * v);
-                const __m256i r0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sub + v * 64));
-                const __m256i r1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sub + v * 64 + 32));
-                s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(_mm256_and_si256(r0, m4), xl));
-                s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(_mm256_and_si256(r1, m4), xl));
-                s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(r0, 4), m4), xh));
-                s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(r1, 4), m4), xh));
-                // Keeps each sum a running register: left alone, the compiler reorders the adds
-                // into a tree over all 16 products and spills them.
-                __asm__("" : "+x"(s0), "+x"(s1));
-            }
+            __m256i s0, s1;
+            q4_tile_nibble_sums(sub, x, &s0, &s1);
             // (sc, sc) pairs of rows 0-7 and 8-15: two in-lane shuffles of the 16 rows' bytes.
             const __m256i sc = _mm256_broadcastsi128_si256(q4k_sc(ts + 64, j));
             const __m256i p0 = _mm256_shuffle_epi8(sc, pair_idx), p1 = _mm256_shuffle_epi8(sc, pair_idx_hi);
