@@ -20,6 +20,7 @@
 // Plain scalar code over fixed lanes (no reassociation needed to vectorise), so every machine
 // writes the same bytes. It runs once per model, not per token.
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -27,8 +28,17 @@
 #include "kquants.h"
 #include "quantize.h"
 
+#ifndef LLAMACPU_KQ_SEARCH_NS
+#define LLAMACPU_KQ_SEARCH_NS kq_search_base
+#include "cpu.h"
+#endif
+
 namespace llamacpu {
-namespace {
+// The search (everything up to the public entry points) is compiled twice: here for the
+// baseline ISA and in kquants_quantize_avx2.cpp with AVX2 enabled, which runs its 8-lane loops
+// at full width. Neither contracts a multiply-add (-ffp-contract=off) nor reassociates, so
+// both write the same bytes; the AVX2 build is just faster.
+namespace LLAMACPU_KQ_SEARCH_NS {
 
 // llama.cpp's nearest_int: round half to even for |v| < 2^22.
 inline int nearest_int(float v) {
@@ -689,11 +699,7 @@ void pack_q6k(const Q6KBlock& b, int r, uint8_t* tq, uint8_t* ts) {
     for (int g = 0; g < 16; ++g) ts[32 + 16 * g + r] = uint8_t(b.scales[g]);
 }
 
-}  // namespace
-
-// ================================================================ public entry points
-
-void quantize_row_q4_k(const float* x, int64_t cols, Q4KBlock* out, int32_t method, const float* importance) {
+void row_q4_k(const float* x, int64_t cols, Q4KBlock* out, int32_t method, const float* importance) {
     std::vector<float> w;
     if (method != kQuantRef) {
         w.resize(size_t(cols));
@@ -705,7 +711,7 @@ void quantize_row_q4_k(const float* x, int64_t cols, Q4KBlock* out, int32_t meth
     }
 }
 
-void quantize_row_q6_k(const float* x, int64_t cols, Q6KBlock* out, int32_t method, const float* importance) {
+void row_q6_k(const float* x, int64_t cols, Q6KBlock* out, int32_t method, const float* importance) {
     std::vector<float> w;
     if (method != kQuantRef) {
         w.resize(size_t(cols));
@@ -715,6 +721,51 @@ void quantize_row_q6_k(const float* x, int64_t cols, Q6KBlock* out, int32_t meth
         q6k_ref(x + s * kSuperBlock, &out[s]);
         if (method != kQuantRef) q6k_mse(x + s * kSuperBlock, w.data() + s * kSuperBlock, &out[s]);
     }
+}
+
+}  // namespace LLAMACPU_KQ_SEARCH_NS
+
+#ifndef LLAMACPU_KQ_SEARCH_AVX2  // the public entry points, once
+
+#if defined(LLAMACPU_HAVE_AVX2)
+namespace kq_search_avx2 {
+void row_q4_k(const float* x, int64_t cols, Q4KBlock* out, int32_t method, const float* importance);
+void row_q6_k(const float* x, int64_t cols, Q6KBlock* out, int32_t method, const float* importance);
+}  // namespace kq_search_avx2
+#endif
+
+namespace {
+
+// The AVX2 build of the search where the CPU has AVX2, unless LLAMACPU_ISA=scalar asks for
+// the baseline (the tests compare the two byte for byte).
+bool search_avx2() {
+#if defined(LLAMACPU_HAVE_AVX2)
+    const char* isa = std::getenv("LLAMACPU_ISA");
+    return cpu_features().avx2 && !(isa && std::strcmp(isa, "scalar") == 0);
+#else
+    return false;
+#endif
+}
+
+using kq_search_base::pack_q4k;
+using kq_search_base::pack_q6k;
+
+}  // namespace
+
+// ================================================================ public entry points
+
+void quantize_row_q4_k(const float* x, int64_t cols, Q4KBlock* out, int32_t method, const float* importance) {
+#if defined(LLAMACPU_HAVE_AVX2)
+    if (search_avx2()) return kq_search_avx2::row_q4_k(x, cols, out, method, importance);
+#endif
+    kq_search_base::row_q4_k(x, cols, out, method, importance);
+}
+
+void quantize_row_q6_k(const float* x, int64_t cols, Q6KBlock* out, int32_t method, const float* importance) {
+#if defined(LLAMACPU_HAVE_AVX2)
+    if (search_avx2()) return kq_search_avx2::row_q6_k(x, cols, out, method, importance);
+#endif
+    kq_search_base::row_q6_k(x, cols, out, method, importance);
 }
 
 void quantize_k_tiles(int32_t dtype, const float* src, int64_t n_rows, int64_t cols, uint8_t* dst, int32_t method,
@@ -816,5 +867,7 @@ void dequantize_row_kquant(const Matrix& m, int64_t row, float* out) {
         }
     }
 }
+
+#endif  // LLAMACPU_KQ_SEARCH_AVX2
 
 }  // namespace llamacpu

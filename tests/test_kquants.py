@@ -592,3 +592,41 @@ def test_importance_weights_the_error_per_column(dtype):
     assert weighted.sum() > plain.sum()
     with pytest.raises(ValueError):
         _core.quantize_k_tiles(dt, w, buf, "mse", imp[:100])
+
+
+def test_scale_search_writes_the_same_bytes_on_every_isa(tmp_path):
+    """The converter's scale search runs an AVX2 build where the CPU has AVX2 and the baseline
+    build under LLAMACPU_ISA=scalar: the same bytes either way (a file converted on one
+    machine is the file converted on another)."""
+    import subprocess
+    import sys
+
+    rng = rng_for("search-isa")
+    # Gaussian rows, rows with outliers, and a row of tiny values (fp16 subnormal scales).
+    w = rng.standard_normal((40, 512)).astype(np.float32)
+    w[3, ::37] *= 40.0
+    w[7] *= 1e-6
+    imp = rng.uniform(0.1, 4.0, 512).astype(np.float32)
+    np.save(tmp_path / "w.npy", w)
+    np.save(tmp_path / "imp.npy", imp)
+    script = (
+        "import sys, numpy as np\n"
+        "from llamacpu import _core\n"
+        "w, imp = np.load(sys.argv[1]), np.load(sys.argv[2])\n"
+        "out = []\n"
+        "for dt in (_core.Q4_K, _core.Q6_K):\n"
+        "    for method, im in (('mse', None), ('mse', imp), ('ref', None)):\n"
+        "        buf = np.zeros(_core.matrix_bytes(dt, *w.shape), np.uint8)\n"
+        "        _core.quantize_k_tiles(dt, w, buf, method, im)\n"
+        "        out.append(buf)\n"
+        "        out.append(_core.quantize_k_gguf(dt, w, method, im).reshape(-1))\n"
+        "np.save(sys.argv[3], np.concatenate(out))\n"
+    )
+    results = {}
+    for isa in ("scalar", "auto"):
+        env = dict(os.environ, LLAMACPU_ISA=isa)
+        out = tmp_path / f"{isa}.npy"
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / "w.npy"), str(tmp_path / "imp.npy"), str(out)],
+                       env=env, check=True)
+        results[isa] = np.load(out)
+    np.testing.assert_array_equal(results["scalar"], results["auto"])
