@@ -8,8 +8,9 @@ For each shape it writes the synthetic checkpoint (../shared/peer/make_checkpoin
 converts it with `llamacpu convert` (both cached under --work), then runs the peer's
 benchmark and `llamacpu bench` one after the other for every (type, threads) row, in
 alternating order, and prints a Markdown table of ratios (llamacpu / llama.cpp). The
-machine's read bandwidth is measured in the same run (bench/bandwidth.py) so generation
-speed can be put against it. Raw results go to --out as JSON lines.
+machine's read bandwidth is measured in the same run (bench/bandwidth.py), at the start and
+again right before and after each llamacpu row, so generation speed can be put against the
+higher of the two readings around it. Raw results go to --out as JSON lines.
 """
 
 from __future__ import annotations
@@ -86,14 +87,22 @@ def main():
             if not gguf.exists():
                 sys.exit(f"{gguf} missing: run bash {PEER}/setup.sh {shape}")
             for t in a.threads:
+                # The read bandwidth here drifts by a third over minutes (25-37 GB/s on two
+                # threads in one hour), so it is probed again right before and right after
+                # llamacpu's run, and generation is put against the higher of the two.
                 if flip:
+                    before = bandwidth(t)
                     ours = our_bench(model, t, a.reps)
+                    after = bandwidth(t)
                     peer = peer_bench(gguf, t, a.reps)
                 else:
                     peer = peer_bench(gguf, t, a.reps)
+                    before = bandwidth(t)
                     ours = our_bench(model, t, a.reps)
+                    after = bandwidth(t)
                 flip = not flip
-                row = {"shape": shape, "dtype": dtype, "threads": t, "ours": ours, "peer": peer, "bw_gbps": bw[t]}
+                row = {"shape": shape, "dtype": dtype, "threads": t, "ours": ours, "peer": peer,
+                       "bw_gbps": max(before, after), "bw_around": [before, after], "bw_start": bw[t]}
                 rows.append(row)
                 with open(a.out, "a") as f:
                     f.write(json.dumps(row) + "\n")
