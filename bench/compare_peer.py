@@ -65,6 +65,15 @@ def bandwidth(threads: int) -> float:
     return json.loads(out.strip().splitlines()[-1])["gbps"]
 
 
+def our_bench_probed(model: Path, threads: int, reps: int):
+    """our_bench, with the read bandwidth probed right before and right after it: here it
+    drifts by a third within minutes (25-37 GB/s on two threads in one hour), so generation
+    is put against the higher of the two readings around it."""
+    before = bandwidth(threads)
+    ours = our_bench(model, threads, reps)
+    return ours, [before, bandwidth(threads)]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=["S"])
@@ -87,22 +96,15 @@ def main():
             if not gguf.exists():
                 sys.exit(f"{gguf} missing: run bash {PEER}/setup.sh {shape}")
             for t in a.threads:
-                # The read bandwidth here drifts by a third over minutes (25-37 GB/s on two
-                # threads in one hour), so it is probed again right before and right after
-                # llamacpu's run, and generation is put against the higher of the two.
                 if flip:
-                    before = bandwidth(t)
-                    ours = our_bench(model, t, a.reps)
-                    after = bandwidth(t)
+                    ours, around = our_bench_probed(model, t, a.reps)
                     peer = peer_bench(gguf, t, a.reps)
                 else:
                     peer = peer_bench(gguf, t, a.reps)
-                    before = bandwidth(t)
-                    ours = our_bench(model, t, a.reps)
-                    after = bandwidth(t)
+                    ours, around = our_bench_probed(model, t, a.reps)
                 flip = not flip
                 row = {"shape": shape, "dtype": dtype, "threads": t, "ours": ours, "peer": peer,
-                       "bw_gbps": max(before, after), "bw_around": [before, after], "bw_start": bw[t]}
+                       "bw_gbps": max(around), "bw_around": around, "bw_start": bw[t]}
                 rows.append(row)
                 with open(a.out, "a") as f:
                     f.write(json.dumps(row) + "\n")

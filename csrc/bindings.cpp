@@ -30,13 +30,14 @@ using namespace llamacpu;
 
 namespace {
 
-// A weight matrix viewing a Python buffer (normally the model file's mmap), which stays
-// exported, and so alive and unclosable, for as long as this object exists.
+// A file descriptor closed with its owner.
 struct FileHandle {
     int fd;
     ~FileHandle() { ::close(fd); }
 };
 
+// A weight matrix viewing a Python buffer (normally the model file's mmap), which stays
+// exported, and so alive and unclosable, for as long as this object exists.
 struct PyMatrix {
     Matrix m;
     std::unique_ptr<py::buffer_info> view;

@@ -129,13 +129,11 @@ public:
 
     void embed(const Matrix& m, const int32_t* tokens, int64_t n_tok, float* out, int64_t ldo) override {
         for (int64_t t = 0; t < n_tok; ++t) {
-            if (!m.data) {
-                read_row(m, tokens[t], out + t * ldo, row_scratch_);
-            } else if (m.dtype == kF16) {
+            if (m.data && m.dtype == kF16) {  // the SIMD conversion straight from the mapping
                 k_->f16_to_f32(reinterpret_cast<const uint16_t*>(m.data) + int64_t(tokens[t]) * m.cols, out + t * ldo,
                                m.cols);
             } else {
-                dequantize_row(m, tokens[t], out + t * ldo);
+                read_row(m, tokens[t], out + t * ldo, row_scratch_);
             }
         }
     }

@@ -25,12 +25,12 @@
 #include <vector>
 
 #include "backend.h"
+#include "cpu.h"
 #include "kquants.h"
 #include "quantize.h"
 
 #ifndef LLAMACPU_KQ_SEARCH_NS
 #define LLAMACPU_KQ_SEARCH_NS kq_search_base
-#include "cpu.h"
 #endif
 
 namespace llamacpu {
