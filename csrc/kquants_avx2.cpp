@@ -218,27 +218,66 @@ static inline void q6_unpack(const uint8_t* p, __m256i* q) {
                            _mm256_and_si256(_mm256_srli_epi16(v2, 2), _mm256_set1_epi8(0x30)));
 }
 
-// int32 lanes: sc_lo * sum_lo + sc_hi * sum_hi over one half (8 rows) of a Q6_K sub-block,
-// sum_lo / sum_hi the dots of its low / high 16 columns with x, each of (q - 32) * a.
-static inline __m256i q6_half_dot(const uint8_t* sub, int h, const int8_t* x, __m256i off_lo, __m256i off_hi,
-                                  __m256i sc_lo, __m256i sc_hi) {
-    __m256i sum[2];
-    for (int t = 0; t < 2; ++t) {
-        __m256i q[4];
-        q6_unpack(sub + 3 * t * 64 + h * 32, q);
-        const int8_t* xt = x + 16 * t;
-        __m256i s = _mm256_sub_epi16(_mm256_maddubs_epi16(q[0], bcast4(xt)), t ? off_hi : off_lo);
-        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(q[1], bcast4(xt + 4)));
-        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(q[2], bcast4(xt + 8)));
-        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(q[3], bcast4(xt + 12)));
-        __asm__("" : "+x"(s));  // a running sum (see q4k_tile_gemv)
-        sum[t] = s;
+// The dword each 16-column group's int16 lanes start from, for a whole activation row:
+// offs[2b + t] holds the negated (even, odd) pair of q6_offsets for block b, group t. Computed
+// once per call, so the single-token tiles only broadcast it.
+static void q6_row_offsets(const int8_t* x, int64_t nb, int32_t* offs) {
+    for (int64_t b = 0; b < nb; ++b) {
+        __m256i lo, hi;
+        q6_offsets(x + b * kBlock, &lo, &hi);
+        offs[2 * b] = _mm256_cvtsi256_si32(_mm256_sub_epi16(_mm256_setzero_si256(), lo));
+        offs[2 * b + 1] = _mm256_cvtsi256_si32(_mm256_sub_epi16(_mm256_setzero_si256(), hi));
     }
-    return _mm256_add_epi32(_mm256_madd_epi16(sum[0], sc_lo), _mm256_madd_epi16(sum[1], sc_hi));
+}
+
+// int32 lanes, rows 0-7 in d0 and 8-15 in d1: sc_lo * sum_lo + sc_hi * sum_hi over one Q6_K
+// sub-block, sum_lo / sum_hi the dots of its low / high 16 columns with x, each of (q - 32) * a.
+// As q4_tile_nibble_sums: each activation group is broadcast once for both halves.
+static inline void q6_tile_sub_dots(const uint8_t* sub, const int8_t* x, const int32_t* offs, const uint8_t* sc_lo,
+                                    const uint8_t* sc_hi, __m256i* d0, __m256i* d1) {
+    const __m256i m63 = _mm256_set1_epi8(63);
+    auto ld = [&](const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
+    __m256i sum[2][2];  // [group][half]
+    for (int t = 0; t < 2; ++t) {
+        const uint8_t* p = sub + 3 * t * 64;
+        const int8_t* xt = x + 16 * t;
+        __m256i s0 = _mm256_set1_epi32(offs[t]), s1 = s0;
+        for (int k = 0; k < 3; ++k) {
+            const __m256i xk = bcast4(xt + 4 * k);
+            s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(_mm256_and_si256(ld(p + 64 * k), m63), xk));
+            s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(_mm256_and_si256(ld(p + 64 * k + 32), m63), xk));
+            __asm__("" : "+x"(s0), "+x"(s1));  // running sums (see q4_tile_nibble_sums)
+        }
+        const __m256i x3 = bcast4(xt + 12);
+        for (int h = 0; h < 2; ++h) {
+            const uint8_t* ph = p + 32 * h;
+            const __m256i q3 = _mm256_or_si256(
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ld(ph), 6), _mm256_set1_epi8(0x03)),
+                                _mm256_and_si256(_mm256_srli_epi16(ld(ph + 64), 4), _mm256_set1_epi8(0x0c))),
+                _mm256_and_si256(_mm256_srli_epi16(ld(ph + 128), 2), _mm256_set1_epi8(0x30)));
+            __m256i& s = h ? s1 : s0;
+            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(q3, x3));
+        }
+        sum[t][0] = s0;
+        sum[t][1] = s1;
+    }
+    // Each row's int8 scale as the high byte of both int16s of its lane, i.e. 256 * sc: no
+    // sign extension needed. |256 * sc * (even + odd)| <= 256 * 128 * 2 * 32512 < 2^31, and
+    // the exact shift back by 8 leaves room to add the two groups.
+    const __m256i idx0 = _mm256_setr_epi8(-1, 0, -1, 0, -1, 1, -1, 1, -1, 2, -1, 2, -1, 3, -1, 3,
+                                          -1, 4, -1, 4, -1, 5, -1, 5, -1, 6, -1, 6, -1, 7, -1, 7);
+    const __m256i idx1 = _mm256_setr_epi8(-1, 8, -1, 8, -1, 9, -1, 9, -1, 10, -1, 10, -1, 11, -1, 11,
+                                          -1, 12, -1, 12, -1, 13, -1, 13, -1, 14, -1, 14, -1, 15, -1, 15);
+    auto widen = [&](__m256i sum, const uint8_t* sc, __m256i idx) {
+        const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)));
+        return _mm256_srai_epi32(_mm256_madd_epi16(sum, _mm256_shuffle_epi8(b, idx)), 8);
+    };
+    *d0 = _mm256_add_epi32(widen(sum[0][0], sc_lo, idx0), widen(sum[1][0], sc_hi, idx0));
+    *d1 = _mm256_add_epi32(widen(sum[0][1], sc_lo, idx1), widen(sum[1][1], sc_hi, idx1));
 }
 
 static void q6k_tile_gemv(const uint8_t* quants, const uint8_t* scales, int64_t nsb, int64_t t, const ActQ8& a,
-                          float* out, int64_t n_rows, bool accumulate) {
+                          const int32_t* offs, float* out, int64_t n_rows, bool accumulate) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     for (int64_t s = 0; s < nsb; ++s) {
         const uint8_t* ts = scales + (t * nsb + s) * kQ6KTileScales;
@@ -246,17 +285,11 @@ static void q6k_tile_gemv(const uint8_t* quants, const uint8_t* scales, int64_t 
         __m256 sd0 = _mm256_setzero_ps(), sd1 = _mm256_setzero_ps();
         for (int j = 0; j < 8; ++j) {
             const int64_t b = s * 8 + j;
-            const int8_t* x = a.q + b * kBlock;
-            __m256i off_lo, off_hi, lo0, lo1, hi0, hi1;
             prefetch_ahead(tq + 384 * j, 384);
-            q6_offsets(x, &off_lo, &off_hi);
-            const __m128i sl = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ts + 32 + 16 * (2 * j)));
-            const __m128i sh = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ts + 32 + 16 * (2 * j + 1)));
-            pairs_i8(sl, sl, &lo0, &lo1);
-            pairs_i8(sh, sh, &hi0, &hi1);
+            __m256i d0, d1;
+            q6_tile_sub_dots(tq + 384 * j, a.q + b * kBlock, offs + 2 * b, ts + 32 + 16 * (2 * j),
+                             ts + 32 + 16 * (2 * j + 1), &d0, &d1);
             const __m256 da = _mm256_set1_ps(a.d[b]);
-            const __m256i d0 = q6_half_dot(tq + 384 * j, 0, x, off_lo, off_hi, lo0, hi0);
-            const __m256i d1 = q6_half_dot(tq + 384 * j, 1, x, off_lo, off_hi, lo1, hi1);
             sd0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), da, sd0);
             sd1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), da, sd1);
         }
@@ -350,10 +383,15 @@ static void matmul(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, i
     const uint8_t* scales = w + n_tiles(n_rows) * nsb * k_tile_quant_bytes(kType);
     std::vector<Half> dec;  // a tile's decoded scales, for the batched path
     if (a.T > 1) dec.resize(size_t(2 * nsb));
+    std::vector<int32_t> offs;  // Q6_K, one token: the activation row's group offsets
+    if (kType == kQ6_K && a.T == 1) {
+        offs.resize(size_t(2 * a.nb));
+        q6_row_offsets(a.q, a.nb, offs.data());
+    }
     for (int64_t t = tile0; t < tile1; ++t) {
         if (a.T == 1) {
             if constexpr (kType == kQ4_K) q4k_tile_gemv(w, scales, nsb, t, a, out, n_rows, accumulate);
-            else q6k_tile_gemv(w, scales, nsb, t, a, out, n_rows, accumulate);
+            else q6k_tile_gemv(w, scales, nsb, t, a, offs.data(), out, n_rows, accumulate);
             continue;
         }
         for (int64_t s = 0; s < nsb; ++s) {
