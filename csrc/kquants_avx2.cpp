@@ -68,19 +68,40 @@ static inline __m256 q4k_act_sums(const ActQ8& a, int64_t tok, int64_t b0) {
                          _mm256_loadu_ps(a.d + i));
 }
 
-// sum_j float(m_j) * sa_j for the two halves of a tile-superblock, in j order.
-static inline void q4k_min_terms(const uint8_t* B, __m256 sa8, __m256* sm0, __m256* sm1) {
-    alignas(32) float sa[8];
-    _mm256_store_ps(sa, sa8);
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-    for (int j = 0; j < 8; ++j) {
-        const __m128i m = q4k_m(B, j);
-        const __m256 sj = _mm256_broadcast_ss(sa + j);
-        s0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(m)), sj, s0);
-        s1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(m, 8))), sj, s1);
-    }
-    *sm0 = s0;
-    *sm1 = s1;
+// The 6-bit scales and mins of a tile-superblock's 16 rows, byte r of sc[j] / m[j] for row r:
+// all eight sub-blocks decoded with whole-vector operations, stored for the per-sub-block
+// loads that follow.
+struct alignas(32) Q4KRowBytes {
+    uint8_t sc[8][16], m[8][16];
+};
+
+static inline void q4k_unpack_scales(const uint8_t* B, Q4KRowBytes* o) {
+    auto ld = [&](int k) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(B + 16 * k)); };
+    auto st = [](uint8_t* p, __m256i v) { _mm256_store_si256(reinterpret_cast<__m256i*>(p), v); };
+    const __m256i m63 = _mm256_set1_epi8(63), m15 = _mm256_set1_epi8(15), m48 = _mm256_set1_epi8(48);
+    const __m256i b01 = ld(0), b23 = ld(2), b45 = ld(4), b67 = ld(6), b89 = ld(8), b1011 = ld(10);
+    st(o->sc[0], _mm256_and_si256(b01, m63));
+    st(o->sc[2], _mm256_and_si256(b23, m63));
+    st(o->m[0], _mm256_and_si256(b45, m63));
+    st(o->m[2], _mm256_and_si256(b67, m63));
+    // j >= 4: the top two bits of B[j-4] (scale) and B[j] (min) are bits 4-5.
+    auto top = [&](__m256i b) { return _mm256_and_si256(_mm256_srli_epi16(b, 2), m48); };
+    st(o->sc[4], _mm256_or_si256(_mm256_and_si256(b89, m15), top(b01)));
+    st(o->sc[6], _mm256_or_si256(_mm256_and_si256(b1011, m15), top(b23)));
+    st(o->m[4], _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b89, 4), m15), top(b45)));
+    st(o->m[6], _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b1011, 4), m15), top(b67)));
+}
+
+// float(m_j) of rows 0-7 (m0) and 8-15 (m1): in-lane shuffles of the 16 bytes broadcast to
+// both lanes, cheaper than zero-extending across lanes.
+static inline void q4k_m16(const Q4KRowBytes& rb, int j, __m256* m0, __m256* m1) {
+    const __m256i idx0 = _mm256_setr_epi8(0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3, -1, -1, -1,
+                                          4, -1, -1, -1, 5, -1, -1, -1, 6, -1, -1, -1, 7, -1, -1, -1);
+    const __m256i idx1 = _mm256_setr_epi8(8, -1, -1, -1, 9, -1, -1, -1, 10, -1, -1, -1, 11, -1, -1, -1,
+                                          12, -1, -1, -1, 13, -1, -1, -1, 14, -1, -1, -1, 15, -1, -1, -1);
+    const __m256i m = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(rb.m[j])));
+    *m0 = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(m, idx0));
+    *m1 = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(m, idx1));
 }
 
 // One token, both halves: one pass over the tile's bytes, each activation group broadcast
@@ -93,10 +114,15 @@ static void q4k_tile_gemv(const uint8_t* quants, const uint8_t* scales, int64_t 
     const __m256i pair_idx_hi = _mm256_setr_epi8(8, -1, 8, -1, 9, -1, 9, -1, 10, -1, 10, -1, 11, -1, 11, -1,
                                                  12, -1, 12, -1, 13, -1, 13, -1, 14, -1, 14, -1, 15, -1, 15, -1);
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    Q4KRowBytes rb;
     for (int64_t s = 0; s < nsb; ++s) {
         const uint8_t* ts = scales + (t * nsb + s) * kQ4KTileScales;
         const uint8_t* tq = quants + (t * nsb + s) * kQ4KTileQuants;
+        q4k_unpack_scales(ts + 64, &rb);
+        alignas(32) float sa[8];
+        _mm256_store_ps(sa, q4k_act_sums(a, 0, s * 8));
         __m256 sd0 = _mm256_setzero_ps(), sd1 = _mm256_setzero_ps();
+        __m256 sm0 = _mm256_setzero_ps(), sm1 = _mm256_setzero_ps();  // sum_j float(m_j) * sa_j
         for (int j = 0; j < 8; ++j) {
             const int8_t* x = a.q + (s * 8 + j) * kBlock;
             const uint8_t* sub = tq + 256 * j;
@@ -104,14 +130,17 @@ static void q4k_tile_gemv(const uint8_t* quants, const uint8_t* scales, int64_t 
             __m256i s0, s1;
             q4_tile_nibble_sums(sub, x, &s0, &s1);
             // (sc, sc) pairs of rows 0-7 and 8-15: two in-lane shuffles of the 16 rows' bytes.
-            const __m256i sc = _mm256_broadcastsi128_si256(q4k_sc(ts + 64, j));
+            const __m256i sc = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(rb.sc[j])));
             const __m256i p0 = _mm256_shuffle_epi8(sc, pair_idx), p1 = _mm256_shuffle_epi8(sc, pair_idx_hi);
             const __m256 da = _mm256_set1_ps(a.d[s * 8 + j]);
             sd0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s0, p0)), da, sd0);
             sd1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s1, p1)), da, sd1);
+            const __m256 saj = _mm256_broadcast_ss(sa + j);
+            __m256 m0, m1;
+            q4k_m16(rb, j, &m0, &m1);
+            sm0 = _mm256_fmadd_ps(m0, saj, sm0);
+            sm1 = _mm256_fmadd_ps(m1, saj, sm1);
         }
-        __m256 sm0, sm1;
-        q4k_min_terms(ts + 64, q4k_act_sums(a, 0, s * 8), &sm0, &sm1);
         acc0 = _mm256_fmadd_ps(load8_f16(ts), sd0, acc0);
         acc1 = _mm256_fmadd_ps(load8_f16(ts + 16), sd1, acc1);
         acc0 = _mm256_fnmadd_ps(load8_f16(ts + 32), sm0, acc0);
