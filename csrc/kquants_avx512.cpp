@@ -73,6 +73,11 @@ static inline void unpack_nibbles(const uint8_t* sub, __m512i* q) {
     }
 }
 
+// (a & mask) | (b & ~mask), one vpternlogd.
+static inline __m512i select_bits(__m512i a, __m512i b, __m512i mask) {
+    return _mm512_ternarylogic_epi32(a, b, mask, 0xE4);
+}
+
 // Q6_K: the 6-bit quants of the 8 column groups (kquants.h): three groups of each 16 columns
 // are the low 6 bits of a stored vector, the fourth gathers their top bit pairs.
 static inline void unpack_q6(const uint8_t* sub, __m512i* q) {
@@ -83,10 +88,10 @@ static inline void unpack_q6(const uint8_t* sub, __m512i* q) {
             v[k] = _mm512_loadu_si512(sub + (3 * t + k) * 64);
             q[4 * t + k] = _mm512_and_si512(v[k], m63);
         }
-        q[4 * t + 3] = _mm512_or_si512(
-            _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v[0], 6), _mm512_set1_epi8(0x03)),
-                            _mm512_and_si512(_mm512_srli_epi16(v[1], 4), _mm512_set1_epi8(0x0c))),
-            _mm512_and_si512(_mm512_srli_epi16(v[2], 2), _mm512_set1_epi8(0x30)));
+        // Bits 0-1 from v0 >> 6, 2-3 from v1 >> 4, 4-5 from v2 >> 2: two bitwise selects (the
+        // mask picks the first operand) and one AND for the bits the 16-bit shifts drag in.
+        const __m512i ab = select_bits(_mm512_srli_epi16(v[0], 6), _mm512_srli_epi16(v[1], 4), _mm512_set1_epi8(0x03));
+        q[4 * t + 3] = _mm512_and_si512(select_bits(ab, _mm512_srli_epi16(v[2], 2), _mm512_set1_epi8(0x0f)), m63);
     }
 }
 
@@ -102,28 +107,29 @@ struct Q4KScales {
     __m512 d, neg_dmin;
 };
 
-// The 6-bit scale and min of sub-block j for the 16 rows of a tile-superblock (ts: its scale
-// bytes, kquants.h), one int32 lane per row.
-static inline void q4k_scale_min(const uint8_t* ts, int j, __m512i* sc, __m512i* mn) {
-    const uint8_t* B = ts + 64;
-    if (j < 4) {
-        *sc = _mm512_and_si512(load16_u8(B + 16 * j), _mm512_set1_epi32(63));
-        *mn = _mm512_and_si512(load16_u8(B + 16 * (j + 4)), _mm512_set1_epi32(63));
-    } else {
-        const __m512i lo = load16_u8(B + 16 * (j + 4));
-        *sc = _mm512_or_si512(_mm512_and_si512(lo, _mm512_set1_epi32(15)),
-                              _mm512_slli_epi32(_mm512_srli_epi32(load16_u8(B + 16 * (j - 4)), 6), 4));
-        *mn = _mm512_or_si512(_mm512_srli_epi32(lo, 4),
-                              _mm512_slli_epi32(_mm512_srli_epi32(load16_u8(B + 16 * j), 6), 4));
-    }
+// The 6-bit scales and mins of a tile-superblock's 16 rows, byte r of sc[j] / m[j] for row r,
+// decoded for all eight sub-blocks with whole-vector operations on the 192 transposed bytes.
+struct alignas(64) Q4KRowBytes {
+    uint8_t sc[8][16], m[8][16];
+};
+
+static inline void q4k_unpack_scales(const uint8_t* B, Q4KRowBytes* o) {
+    const __m512i b0 = _mm512_loadu_si512(B), b4 = _mm512_loadu_si512(B + 64), b8 = _mm512_loadu_si512(B + 128);
+    const __m512i m63 = _mm512_set1_epi8(63), m15 = _mm512_set1_epi8(15);
+    _mm512_store_si512(o->sc[0], _mm512_and_si512(b0, m63));
+    _mm512_store_si512(o->m[0], _mm512_and_si512(b4, m63));
+    // j >= 4: low four bits from B[j+4] (scale) or its high nibble (min), bits 4-5 from the top
+    // two bits of B[j-4] (scale) or B[j] (min).
+    _mm512_store_si512(o->sc[4], _mm512_and_si512(select_bits(b8, _mm512_srli_epi16(b0, 2), m15), m63));
+    _mm512_store_si512(o->m[4], _mm512_and_si512(select_bits(_mm512_srli_epi16(b8, 4), _mm512_srli_epi16(b4, 2), m15), m63));
 }
 
 static inline void q4k_decode(const uint8_t* ts, Q4KScales* out) {
+    Q4KRowBytes rb;
+    q4k_unpack_scales(ts + 64, &rb);
     for (int j = 0; j < 8; ++j) {
-        __m512i sc, mn;
-        q4k_scale_min(ts, j, &sc, &mn);
-        out->sc[j] = sc;
-        out->m[j] = _mm512_cvtepi32_ps(mn);
+        out->sc[j] = load16_u8(rb.sc[j]);
+        out->m[j] = _mm512_cvtepi32_ps(load16_u8(rb.m[j]));
     }
     out->d = load16_f16(ts);
     out->neg_dmin = _mm512_sub_ps(_mm512_setzero_ps(), load16_f16(ts + 32));
@@ -161,19 +167,21 @@ static void q4k_tile(const uint8_t* quants, const Q4KScales* dec, int64_t nsb, i
     for (int i = 0; i < NT; ++i) store_rows16(out + (tok0 + i) * ldo + t * kTileRows, acc[i], valid, accumulate);
 }
 
-// One token against tile t (token generation): the scales decoded as they are needed, in
-// registers. The high nibbles are not shifted down: dpbusd of (byte & 0xf0) gives 16 times
-// their dot, an exact multiple that one shift at the end undoes, which saves a shift per
-// vector and splits the dot into two independent chains. sc * dot is below 2^24, so it is
-// exact in float and float(sc) * float(dot) is the reference's float(sc * dot) (a multiply
-// instead of vpmulld). sda[b]: float(a.s[b]) * a.d[b], computed once per call.
+// One token against tile t (token generation). The high nibbles are not shifted down: dpbusd
+// of (byte & 0xf0) gives 16 times their dot, an exact multiple that one shift at the end
+// undoes, which saves a shift per vector and splits the dot into two independent chains.
+// sc * dot is below 2^24, so it is exact in float and float(sc) * float(dot) is the
+// reference's float(sc * dot) (a multiply instead of vpmulld). sda[b]: float(a.s[b]) * a.d[b],
+// computed once per call.
 static void q4k_tile_gemv(const uint8_t* quants, const uint8_t* scales, int64_t nsb, int64_t t, const ActQ8& a,
                           const float* sda, float* out, int64_t valid, bool accumulate) {
     const __m512i lo4 = _mm512_set1_epi8(0x0f), hi4 = _mm512_set1_epi8(char(0xf0));
     __m512 acc = _mm512_setzero_ps();
+    Q4KRowBytes rb;
     for (int64_t s = 0; s < nsb; ++s) {
         const uint8_t* ts = scales + (t * nsb + s) * kQ4KTileScales;
         const uint8_t* tq = quants + (t * nsb + s) * kQ4KTileQuants;
+        q4k_unpack_scales(ts + 64, &rb);
         __m512 sd = _mm512_setzero_ps(), sm = _mm512_setzero_ps();
         for (int j = 0; j < 8; ++j) {
             const uint8_t* sub = tq + 256 * j;
@@ -186,12 +194,10 @@ static void q4k_tile_gemv(const uint8_t* quants, const uint8_t* scales, int64_t 
                 dhi = _mm512_dpbusd_epi32(dhi, _mm512_and_si512(raw, hi4), bcast4(x + 16 + 4 * v));
             }
             const __m512i dot = _mm512_add_epi32(dlo, _mm512_srai_epi32(dhi, 4));
-            __m512i sc, mn;
-            q4k_scale_min(ts, j, &sc, &mn);
             const int64_t b = s * 8 + j;
-            const __m512 p = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_cvtepi32_ps(sc));
+            const __m512 p = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_cvtepi32_ps(load16_u8(rb.sc[j])));
             sd = _mm512_fmadd_ps(p, _mm512_set1_ps(a.d[b]), sd);
-            sm = _mm512_fmadd_ps(_mm512_cvtepi32_ps(mn), _mm512_set1_ps(sda[b]), sm);
+            sm = _mm512_fmadd_ps(_mm512_cvtepi32_ps(load16_u8(rb.m[j])), _mm512_set1_ps(sda[b]), sm);
         }
         acc = _mm512_fmadd_ps(load16_f16(ts), sd, acc);
         acc = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_setzero_ps(), load16_f16(ts + 32)), sm, acc);
@@ -203,6 +209,32 @@ static inline int32_t sum16(const int8_t* x) {
     int32_t s = 0;
     for (int i = 0; i < 16; ++i) s += x[i];
     return s;
+}
+
+// One token against tile t: as q6k_tile<1>, with each group's -32 * sum(a) start taken from
+// offs (offs[2b + g], computed once per call) instead of summed per tile.
+static void q6k_tile_gemv(const uint8_t* quants, const uint8_t* scales, int64_t nsb, int64_t t, const ActQ8& a,
+                          const int32_t* offs, float* out, int64_t valid, bool accumulate) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t s = 0; s < nsb; ++s) {
+        const uint8_t* ts = scales + (t * nsb + s) * kQ6KTileScales;
+        const uint8_t* tq = quants + (t * nsb + s) * kQ6KTileQuants;
+        __m512 sd = _mm512_setzero_ps();
+        for (int j = 0; j < 8; ++j) {
+            const int64_t b = s * 8 + j;
+            __m512i q[8];
+            prefetch_ahead(tq + 384 * j, 384);
+            unpack_q6(tq + 384 * j, q);
+            const int8_t* x = a.q + b * kBlock;
+            const __m512i lo = dot4(q, x, 0, _mm512_set1_epi32(offs[2 * b]));
+            const __m512i hi = dot4(q, x, 4, _mm512_set1_epi32(offs[2 * b + 1]));
+            const __m512i sc_lo = load16_i8(ts + 32 + 16 * (2 * j)), sc_hi = load16_i8(ts + 32 + 16 * (2 * j + 1));
+            const __m512i dot = _mm512_add_epi32(_mm512_mullo_epi32(lo, sc_lo), _mm512_mullo_epi32(hi, sc_hi));
+            sd = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(a.d[b]), sd);
+        }
+        acc = _mm512_fmadd_ps(load16_f16(ts), sd, acc);
+    }
+    store_rows16(out + t * kTileRows, acc, valid, accumulate);
 }
 
 template <int NT>
@@ -253,6 +285,17 @@ static void matmul(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, i
         for (int64_t b = 0; b < a.nb; ++b) sda[size_t(b)] = float(a.s[b]) * a.d[b];
         for (int64_t t = tile0; t < tile1; ++t)
             q4k_tile_gemv(w, scales, nsb, t, a, sda.data(), out, n_rows - t * kTileRows, accumulate);
+        return;
+    }
+    if (kType == kQ6_K && a.T == 1) {
+        std::vector<int32_t> offs(size_t(2 * a.nb));
+        for (int64_t b = 0; b < a.nb; ++b) {
+            const int32_t lo_sum = sum16(a.q + b * kBlock);
+            offs[size_t(2 * b)] = -32 * lo_sum;
+            offs[size_t(2 * b + 1)] = -32 * (a.s[b] - lo_sum);
+        }
+        for (int64_t t = tile0; t < tile1; ++t)
+            q6k_tile_gemv(w, scales, nsb, t, a, offs.data(), out, n_rows - t * kTileRows, accumulate);
         return;
     }
     // Q4_K: a tile's scales decoded once for all the call's tokens.
