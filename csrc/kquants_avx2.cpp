@@ -347,15 +347,14 @@ static inline void q6k_decode(const uint8_t* ts, Q6KHalf* out) {
 }
 
 // As q4k_tokens, for Q6_K: per 16-column group the int16 lanes start from the token's
-// -32 * sum(a) offsets (computed once per super-block for both halves) and widen with the
-// group's scale.
+// -32 * sum(a) offsets (offs: q6_row_offsets of every token, a.nb * 2 per token) and widen
+// with the group's scale.
 template <int NT>
-static void q6k_tokens(const uint8_t* tq, const Q6KHalf* dec, int64_t nsb, const ActQ8& a, int64_t tok0, int nh,
-                       __m256 (*acc)[NT]) {
+static void q6k_tokens(const uint8_t* tq, const Q6KHalf* dec, int64_t nsb, const ActQ8& a, const int32_t* offs,
+                       int64_t tok0, int nh, __m256 (*acc)[NT]) {
     for (int64_t s = 0; s < nsb; ++s) {
-        __m256i off[NT][8][2];
-        for (int i = 0; i < NT; ++i)
-            for (int j = 0; j < 8; ++j) q6_offsets(a.q + (tok0 + i) * a.ldq + (s * 8 + j) * kBlock, &off[i][j][0], &off[i][j][1]);
+        int32_t off[NT][16];  // the super-block's offsets, [token][2 * j + t]
+        for (int i = 0; i < NT; ++i) std::memcpy(off[i], offs + (tok0 + i) * 2 * a.nb + 16 * s, sizeof off[i]);
         const uint8_t* sq = tq + s * kQ6KTileQuants;
         for (int h = 0; h < nh; ++h) {
             const Q6KHalf& hs = dec[2 * s + h];
@@ -369,7 +368,7 @@ static void q6k_tokens(const uint8_t* tq, const Q6KHalf* dec, int64_t nsb, const
                     q6_unpack(sq + 384 * j + 3 * t * 64 + h * 32, q);
                     for (int i = 0; i < NT; ++i) {
                         const int8_t* x = a.q + (tok0 + i) * a.ldq + (s * 8 + j) * kBlock + 16 * t;
-                        __m256i sum = _mm256_sub_epi16(_mm256_maddubs_epi16(q[0], bcast4(x)), off[i][j][t]);
+                        __m256i sum = _mm256_add_epi16(_mm256_maddubs_epi16(q[0], bcast4(x)), _mm256_set1_epi32(off[i][2 * j + t]));
                         sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(q[1], bcast4(x + 4)));
                         sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(q[2], bcast4(x + 8)));
                         sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(q[3], bcast4(x + 12)));
@@ -389,8 +388,8 @@ static void q6k_tokens(const uint8_t* tq, const Q6KHalf* dec, int64_t nsb, const
 
 // NT tokens from tok0 against tile t, the tile's scales already decoded into dec.
 template <int32_t kType, int NT, typename Half>
-static inline void tile_tokens(const uint8_t* w, const Half* dec, int64_t nsb, int64_t t, const ActQ8& a,
-                               int64_t tok0, float* out, int64_t ldo, int64_t n_rows, bool accumulate) {
+static inline void tile_tokens(const uint8_t* w, const Half* dec, const int32_t* offs, int64_t nsb, int64_t t,
+                               const ActQ8& a, int64_t tok0, float* out, int64_t ldo, int64_t n_rows, bool accumulate) {
     const int64_t n0 = t * kTileRows;
     const int nh = n_rows - n0 > 8 ? 2 : 1;
     __m256 acc[2][NT];
@@ -398,7 +397,7 @@ static inline void tile_tokens(const uint8_t* w, const Half* dec, int64_t nsb, i
         for (int i = 0; i < NT; ++i) acc[h][i] = _mm256_setzero_ps();
     const uint8_t* tq = w + t * nsb * k_tile_quant_bytes(kType);
     if constexpr (kType == kQ4_K) q4k_tokens<NT>(tq, dec, nsb, a, tok0, nh, acc);
-    else q6k_tokens<NT>(tq, dec, nsb, a, tok0, nh, acc);
+    else q6k_tokens<NT>(tq, dec, nsb, a, offs, tok0, nh, acc);
     for (int h = 0; h < nh; ++h)
         for (int i = 0; i < NT; ++i)
             store_rows8(out + (tok0 + i) * ldo + n0 + 8 * h, acc[h][i], n_rows - n0 - 8 * h, accumulate);
@@ -412,10 +411,10 @@ static void matmul(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, i
     const uint8_t* scales = w + n_tiles(n_rows) * nsb * k_tile_quant_bytes(kType);
     std::vector<Half> dec;  // a tile's decoded scales, for the batched path
     if (a.T > 1) dec.resize(size_t(2 * nsb));
-    std::vector<int32_t> offs;  // Q6_K, one token: the activation row's group offsets
-    if (kType == kQ6_K && a.T == 1) {
-        offs.resize(size_t(2 * a.nb));
-        q6_row_offsets(a.q, a.nb, offs.data());
+    std::vector<int32_t> offs;  // Q6_K: every token's group offsets, computed once per call
+    if (kType == kQ6_K) {
+        offs.resize(size_t(2 * a.nb * a.T));
+        for (int64_t i = 0; i < a.T; ++i) q6_row_offsets(a.q + i * a.ldq, a.nb, offs.data() + 2 * a.nb * i);
     }
     for (int64_t t = tile0; t < tile1; ++t) {
         if (a.T == 1) {
@@ -429,8 +428,8 @@ static void matmul(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, i
             else q6k_decode(ts, &dec[size_t(2 * s)]);
         }
         int64_t tok = 0;
-        for (; tok + 4 <= a.T; tok += 4) tile_tokens<kType, 4>(w, dec.data(), nsb, t, a, tok, out, ldo, n_rows, accumulate);
-        for (; tok < a.T; ++tok) tile_tokens<kType, 1>(w, dec.data(), nsb, t, a, tok, out, ldo, n_rows, accumulate);
+        for (; tok + 4 <= a.T; tok += 4) tile_tokens<kType, 4>(w, dec.data(), offs.data(), nsb, t, a, tok, out, ldo, n_rows, accumulate);
+        for (; tok < a.T; ++tok) tile_tokens<kType, 1>(w, dec.data(), offs.data(), nsb, t, a, tok, out, ldo, n_rows, accumulate);
     }
 }
 
