@@ -3,6 +3,7 @@ convert, generate, info and chat, and how it fails (one line on stderr, no trace
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -221,6 +222,30 @@ def test_info_defaults_to_best_isa_and_physical_cores(model):
     f = info_fields(proc)
     assert f["isa"].split()[0] == _core.Backend(1, requested_isa()).name
     assert f["threads"].split()[0] == str(default_threads())
+
+
+# ---- bench -----------------------------------------------------------------------------
+
+def test_bench_json_reports_speed_memory_and_bandwidth(stories_models):
+    model = stories_models["q4_0"]
+    proc = run_cli("bench", model, "-t", "2", "--prompt", "16", "--gen", "20", "--reps", "2", "--json", timeout=120)
+    assert_quiet_success(proc)
+    lines = out_text(proc).strip().splitlines()
+    r = json.loads(lines[-1])
+    assert r["threads"] == 2 and r["n_prompt"] == 16 and r["n_gen"] == 20
+    assert len(r["pp_all"]) == len(r["tg_all"]) == 2 and r["pp_tps"] > 0 and r["tg_tps"] > 0
+    assert r["isa"] == _core.Backend(1, "auto").name
+    # Weights per token: the whole file but its header and the (tied, so read) tables' padding.
+    size = os.path.getsize(model)
+    assert 0.9 * size < r["weights_per_token_gb"] * 1e9 <= size
+    assert r["tg_gbps"] == pytest.approx(r["tg_tps"] * r["weights_per_token_gb"])
+    # One bandwidth reading per repetition, taken between runs of the generation.
+    assert len(r["read_gbps_during_tg"]) == 2 and all(g > 0 for g in r["read_gbps_during_tg"])
+    assert all(b >= g for b, g in zip(r["read_gbps_best_during_tg"], r["read_gbps_during_tg"]))
+    assert r["tg_share_of_read"] == pytest.approx(sum(r["tg_share_all"]) / 2, rel=1e-3)  # median of two
+    assert 0 < r["tg_share_of_best_read"] <= r["tg_share_of_read"]
+    assert r["peak_rss_mib"] > r["file_mib"] and r["load_warm_s"] > 0 and r["python_us_per_token"] > 0
+    assert "GB/token" in lines[0] and "of the weights' read bandwidth" in lines[0]
 
 
 # ---- chat ------------------------------------------------------------------------------

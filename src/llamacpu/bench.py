@@ -3,8 +3,10 @@
 Measured the way ../shared/peer/bench_llamacpp.py measures llama.cpp, so the two can be
 compared side by side: load after evicting the file from the page cache (cold) and again
 (warm); pp = one prompt of P random tokens from an empty context; tg = G tokens generated
-greedily one at a time from an almost empty context, each fed back; median of reps. A
-repetition during which other processes used more than --max-others cores is retried.
+greedily one at a time from an almost empty context, each fed back, timed in runs of 8 with a
+read of the same weights before, between and after the runs (the read bandwidth generation is
+set against); median of reps. A repetition during which other processes used more than
+--max-others cores is retried.
 """
 
 from __future__ import annotations
@@ -60,6 +62,41 @@ def weight_bytes_per_token(llm) -> int:
     return total
 
 
+def weight_span(llm) -> tuple[int, int]:
+    """[start, end) of the file bytes a generated token reads: every tensor that
+    weight_bytes_per_token counts (the converter writes the embedding table first, so these
+    are one run of the file)."""
+    t = llm._file.meta.tensors
+    read = [x for name, x in t.items() if llm.config.tied_output or name != "tok_embeddings"]
+    return min(x.offset for x in read), max(x.offset + x.size for x in read)
+
+
+def generate_probed(m, mm, span, threads: int, logits, n_gen: int, greedy, seg: int = 8):
+    """Generates n_gen tokens in runs of seg, reading the weights a token reads once before,
+    between and after the runs (the model's own mapping, the same pages, the same thread
+    count). Returns (generation seconds, GB/s of all reads, GB/s of the fastest read): the
+    first is sampled across the same seconds as the generation, so a shared host's drifting
+    bandwidth weighs on both alike; the second is the strictest yardstick."""
+    from . import _core
+
+    view = memoryview(mm)[span[0]:span[1]]
+
+    def probe():
+        time.sleep(0.002)  # the generation's idle workers stop spinning first
+        return _core.read_seconds(view, threads)
+
+    try:
+        t_gen, probes = 0.0, [probe()]
+        for start in range(0, n_gen, seg):
+            t0 = time.perf_counter()
+            logits = greedy(1 + start, logits, min(seg, n_gen - start))
+            t_gen += time.perf_counter() - t0
+            probes.append(probe())
+        return t_gen, view.nbytes * len(probes) / sum(probes) / 1e9, view.nbytes / min(probes) / 1e9
+    finally:
+        view.release()
+
+
 def run_bench(model: str, threads=None, n_prompt: int = 512, n_gen: int = 128, reps: int = 3, isa=None,
               cold: bool = True, max_others: float = 0.15, max_retries: int = 4, log=print, n_batch: int = 64) -> dict:
     from .llama import Llama
@@ -99,7 +136,9 @@ def run_bench(model: str, threads=None, n_prompt: int = 512, n_gen: int = 128, r
     m.forward(prompt[:32], 0)  # warm-up: first touch of buffers, threads
     greedy(32, m.logits[0], 4)
 
-    pp, tg, noise = [], [], []
+    per_tok = weight_bytes_per_token(llm)
+    span = weight_span(llm)
+    pp, tg, noise, probes, shares = [], [], [], [], []
     attempts = 0
     while len(pp) < reps and attempts < reps + max_retries:
         attempts += 1
@@ -109,9 +148,9 @@ def run_bench(model: str, threads=None, n_prompt: int = 512, n_gen: int = 128, r
         r_pp = n_prompt / (s1[0] - s0[0])
         logits = m.forward(prompt[:1], 0)
         s2 = _cpu_snap()
-        greedy(1, logits, n_gen)
+        t_gen, bw, bw_best = generate_probed(m, llm._file.mm, span, llm.n_threads, logits, n_gen, greedy)
         s3 = _cpu_snap()
-        r_tg = n_gen / (s3[0] - s2[0])
+        r_tg = n_gen / t_gen
         busy = max(_others(s0, s1), _others(s2, s3))
         noise.append(round(busy, 3))
         if busy > max_others and attempts < reps + max_retries:
@@ -119,13 +158,14 @@ def run_bench(model: str, threads=None, n_prompt: int = 512, n_gen: int = 128, r
             continue
         pp.append(r_pp)
         tg.append(r_tg)
+        probes.append((round(bw, 2), round(bw_best, 2)))
+        shares.append((r_tg * per_tok / 1e9 / bw, r_tg * per_tok / 1e9 / bw_best))
 
     # The Python side of one generated token: wall time minus time inside the kernels.
     logits = m.forward(prompt[:1], 0)
     k0, t0 = m.backend.seconds, time.perf_counter()
     greedy(1, logits, 32)
     py_cost = ((time.perf_counter() - t0) - (m.backend.seconds - k0)) / 32
-    per_tok = weight_bytes_per_token(llm)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     r = {
         "model": os.path.basename(model), "file_mib": os.path.getsize(model) / 2**20,
@@ -135,6 +175,9 @@ def run_bench(model: str, threads=None, n_prompt: int = 512, n_gen: int = 128, r
         "peak_rss_mib": peak, "kv_cache_mib": m.cache.bytes / 2**20,
         "weights_per_token_gb": per_tok / 1e9, "tg_gbps": statistics.median(tg) * per_tok / 1e9,
         "python_us_per_token": py_cost * 1e6, "others_cores": noise,
+        "read_gbps_during_tg": [p[0] for p in probes], "read_gbps_best_during_tg": [p[1] for p in probes],
+        "tg_share_of_read": statistics.median(x[0] for x in shares), "tg_share_of_best_read": statistics.median(x[1] for x in shares),
+        "tg_share_all": [round(x[0], 4) for x in shares],
     }
     llm.close()
     return r
@@ -144,7 +187,8 @@ def print_report(r: dict, as_json: bool, out=sys.stdout) -> None:
     print(f"{r['model']}: {r['isa']}, {r['threads']} threads | load {r['load_cold_s'] * 1000:.0f} ms cold / "
           f"{r['load_warm_s'] * 1000:.1f} ms warm | pp{r['n_prompt']} {r['pp_tps']:.1f} t/s | "
           f"tg{r['n_gen']} {r['tg_tps']:.2f} t/s ({r['weights_per_token_gb']:.3f} GB/token -> "
-          f"{r['tg_gbps']:.1f} GB/s) | Python {r['python_us_per_token']:.0f} us/token | "
+          f"{r['tg_gbps']:.1f} GB/s: {100 * r['tg_share_of_read']:.0f}% of the weights' read bandwidth meanwhile, "
+          f"{100 * r['tg_share_of_best_read']:.0f}% of its best) | Python {r['python_us_per_token']:.0f} us/token | "
           f"peak RSS {r['peak_rss_mib']:.0f} MiB (file {r['file_mib']:.0f}, KV {r['kv_cache_mib']:.0f})", file=out)
     if as_json:
         print(json.dumps(r), file=out)
