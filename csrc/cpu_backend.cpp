@@ -4,6 +4,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -181,14 +182,33 @@ private:
             par(n_tok, n_tok * k, [&](int64_t t, int) { k_->quantize_row_q8(x + t * ldx, k, aq + t * k, ad + t * nb, as + t * nb); });
         }
         const int64_t tiles = n_tiles(w.rows);
+        auto fn = w.dtype == kQ4_0 ? k_->matmul_q4_0 : w.dtype == kQ4_1 ? k_->matmul_q4_1 : k_->matmul_q8_0;
+        if (is_kquant(w.dtype)) fn = w.dtype == kQ4_K ? k_->matmul_q4_k : k_->matmul_q6_k;
+        if (n_tok == 1 && pool_.size() > 1 && w.rows * k >= kMinParallelWork) {
+            // One token (generation): guided self-scheduling. Each claim takes a share of the
+            // tiles still left, so claims start large and end at one tile, and the threads
+            // finish within a tile of each other instead of within one fixed-size task.
+            const ActQ8 a{aq, ad, as, k, nb, 1};
+            std::atomic<int64_t> next{0};
+            const int64_t div = 2 * int64_t(pool_.size());
+            pool_.run(pool_.size(), [&](int64_t, int) {
+                for (;;) {
+                    int64_t t0 = next.load(std::memory_order_relaxed), n;
+                    do {
+                        if (t0 >= tiles) return;
+                        n = std::max<int64_t>(1, (tiles - t0) / div);
+                    } while (!next.compare_exchange_weak(t0, t0 + n, std::memory_order_relaxed));
+                    fn(w.data, w.rows, k, t0, t0 + n, a, out, ldo, accumulate);
+                }
+            });
+            return;
+        }
         const int64_t tok_chunks = (n_tok + kTokChunk - 1) / kTokChunk;
         // Enough tasks per thread that a slow core sheds work, few enough that claiming one is
         // noise next to running it.
         const int64_t want = int64_t(pool_.size()) * 8;
         const int64_t tiles_per_task = std::max<int64_t>(1, tiles * tok_chunks / want);
         const int64_t tile_tasks = (tiles + tiles_per_task - 1) / tiles_per_task;
-        auto fn = w.dtype == kQ4_0 ? k_->matmul_q4_0 : w.dtype == kQ4_1 ? k_->matmul_q4_1 : k_->matmul_q8_0;
-        if (is_kquant(w.dtype)) fn = w.dtype == kQ4_K ? k_->matmul_q4_k : k_->matmul_q6_k;
         par(tile_tasks * tok_chunks, w.rows * k * n_tok, [&](int64_t task, int) {
             const int64_t tc = task / tile_tasks, tt = task % tile_tasks;
             const int64_t tok0 = tc * kTokChunk, ntok = std::min(kTokChunk, n_tok - tok0);
