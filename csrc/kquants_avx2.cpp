@@ -44,22 +44,6 @@ static inline void pairs_i8(__m128i a, __m128i b, __m256i* half0, __m256i* half1
 
 // ---- Q4_K ----------------------------------------------------------------------------------
 
-// The 6-bit scales (sc) and mins (m) of sub-block j for the 16 rows, one byte per row; B: the
-// transposed scale bytes of the tile-superblock (kquants.h).
-static inline __m128i q4k_sc(const uint8_t* B, int j) {
-    auto row_bytes = [&](int k) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(B + 16 * k)); };
-    if (j < 4) return _mm_and_si128(row_bytes(j), _mm_set1_epi8(63));
-    // The top two bits of B[j-4] are bits 4-5 of the scale.
-    return _mm_or_si128(_mm_and_si128(row_bytes(j + 4), _mm_set1_epi8(15)),
-                        _mm_and_si128(_mm_srli_epi16(row_bytes(j - 4), 2), _mm_set1_epi8(48)));
-}
-static inline __m128i q4k_m(const uint8_t* B, int j) {
-    auto row_bytes = [&](int k) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(B + 16 * k)); };
-    if (j < 4) return _mm_and_si128(row_bytes(j + 4), _mm_set1_epi8(63));
-    return _mm_or_si128(_mm_and_si128(_mm_srli_epi16(row_bytes(j + 4), 4), _mm_set1_epi8(15)),
-                        _mm_and_si128(_mm_srli_epi16(row_bytes(j), 2), _mm_set1_epi8(48)));
-}
-
 // float(sum_b a) * da_b for the 8 blocks b0.. of one token: the activation side of the min
 // term (the same product the scalar path forms).
 static inline __m256 q4k_act_sums(const ActQ8& a, int64_t tok, int64_t b0) {
@@ -160,9 +144,11 @@ struct Q4KHalf {
 };
 
 static inline void q4k_decode(const uint8_t* ts, Q4KHalf* out) {
+    Q4KRowBytes rb;
+    q4k_unpack_scales(ts + 64, &rb);
     for (int j = 0; j < 8; ++j) {
-        pairs_u8(q4k_sc(ts + 64, j), &out[0].sc[j], &out[1].sc[j]);
-        const __m128i m = q4k_m(ts + 64, j);
+        pairs_u8(_mm_load_si128(reinterpret_cast<const __m128i*>(rb.sc[j])), &out[0].sc[j], &out[1].sc[j]);
+        const __m128i m = _mm_load_si128(reinterpret_cast<const __m128i*>(rb.m[j]));
         out[0].m[j] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(m));
         out[1].m[j] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(m, 8)));
     }
