@@ -216,6 +216,12 @@ static inline void q6_offsets(const int8_t* x, __m256i* off_lo, __m256i* off_hi)
     *off_hi = _mm256_permutevar8x32_epi32(u, _mm256_set1_epi32(4));
 }
 
+// The fourth column group's 6-bit quants from the top bit pairs of the three stored vectors.
+static inline __m256i q6_fourth(__m256i v0, __m256i v1, __m256i v2) {
+    return _mm256_or_si256(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v0, 6), _mm256_set1_epi8(0x03)),
+                                           _mm256_and_si256(_mm256_srli_epi16(v1, 4), _mm256_set1_epi8(0x0c))),
+                           _mm256_and_si256(_mm256_srli_epi16(v2, 2), _mm256_set1_epi8(0x30)));
+}
 
 // The four 6-bit quant vectors (columns 0-3, 4-7, 8-11, 12-15 of a 16-column group, one
 // byte per row) of one stored group of three vectors at p (kquants.h): three are the low 6
@@ -228,9 +234,7 @@ static inline void q6_unpack(const uint8_t* p, __m256i* q) {
     q[0] = _mm256_and_si256(v0, m63);
     q[1] = _mm256_and_si256(v1, m63);
     q[2] = _mm256_and_si256(v2, m63);
-    q[3] = _mm256_or_si256(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v0, 6), _mm256_set1_epi8(0x03)),
-                                           _mm256_and_si256(_mm256_srli_epi16(v1, 4), _mm256_set1_epi8(0x0c))),
-                           _mm256_and_si256(_mm256_srli_epi16(v2, 2), _mm256_set1_epi8(0x30)));
+    q[3] = q6_fourth(v0, v1, v2);
 }
 
 // The dword each 16-column group's int16 lanes start from, for a whole activation row:
@@ -266,10 +270,7 @@ static inline void q6_tile_sub_dots(const uint8_t* sub, const int8_t* x, const i
         const __m256i x3 = bcast4(xt + 12);
         for (int h = 0; h < 2; ++h) {
             const uint8_t* ph = p + 32 * h;
-            const __m256i q3 = _mm256_or_si256(
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ld(ph), 6), _mm256_set1_epi8(0x03)),
-                                _mm256_and_si256(_mm256_srli_epi16(ld(ph + 64), 4), _mm256_set1_epi8(0x0c))),
-                _mm256_and_si256(_mm256_srli_epi16(ld(ph + 128), 2), _mm256_set1_epi8(0x30)));
+            const __m256i q3 = q6_fourth(ld(ph), ld(ph + 64), ld(ph + 128));
             __m256i& s = h ? s1 : s0;
             s = _mm256_add_epi16(s, _mm256_maddubs_epi16(q3, x3));
         }

@@ -211,35 +211,20 @@ static inline int32_t sum16(const int8_t* x) {
     return s;
 }
 
-// One token against tile t: as q6k_tile<1>, with each group's -32 * sum(a) start taken from
-// offs (offs[2b + g], computed once per call) instead of summed per tile.
-static void q6k_tile_gemv(const uint8_t* quants, const uint8_t* scales, int64_t nsb, int64_t t, const ActQ8& a,
-                          const int32_t* offs, float* out, int64_t valid, bool accumulate) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t s = 0; s < nsb; ++s) {
-        const uint8_t* ts = scales + (t * nsb + s) * kQ6KTileScales;
-        const uint8_t* tq = quants + (t * nsb + s) * kQ6KTileQuants;
-        __m512 sd = _mm512_setzero_ps();
-        for (int j = 0; j < 8; ++j) {
-            const int64_t b = s * 8 + j;
-            __m512i q[8];
-            prefetch_ahead(tq + 384 * j, 384);
-            unpack_q6(tq + 384 * j, q);
-            const int8_t* x = a.q + b * kBlock;
-            const __m512i lo = dot4(q, x, 0, _mm512_set1_epi32(offs[2 * b]));
-            const __m512i hi = dot4(q, x, 4, _mm512_set1_epi32(offs[2 * b + 1]));
-            const __m512i sc_lo = load16_i8(ts + 32 + 16 * (2 * j)), sc_hi = load16_i8(ts + 32 + 16 * (2 * j + 1));
-            const __m512i dot = _mm512_add_epi32(_mm512_mullo_epi32(lo, sc_lo), _mm512_mullo_epi32(hi, sc_hi));
-            sd = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(a.d[b]), sd);
+// The -32 * sum(a) start of each 16-column group, for every token of the call: offs[(tok *
+// a.nb + b) * 2 + g], computed once per call instead of per tile.
+static void q6_offsets(const ActQ8& a, int32_t* offs) {
+    for (int64_t tok = 0; tok < a.T; ++tok)
+        for (int64_t b = 0; b < a.nb; ++b) {
+            const int32_t lo_sum = sum16(a.q + tok * a.ldq + b * kBlock);
+            offs[2 * (tok * a.nb + b)] = -32 * lo_sum;
+            offs[2 * (tok * a.nb + b) + 1] = -32 * (a.s[tok * a.nb + b] - lo_sum);
         }
-        acc = _mm512_fmadd_ps(load16_f16(ts), sd, acc);
-    }
-    store_rows16(out + t * kTileRows, acc, valid, accumulate);
 }
 
 template <int NT>
-static void q6k_tile(const uint8_t* quants, const uint8_t* scales, int64_t nsb, int64_t t, const ActQ8& a,
-                     int64_t tok0, float* out, int64_t ldo, int64_t valid, bool accumulate) {
+static void q6k_tile(const uint8_t* quants, const uint8_t* scales, const int32_t* offs, int64_t nsb, int64_t t,
+                     const ActQ8& a, int64_t tok0, float* out, int64_t ldo, int64_t valid, bool accumulate) {
     __m512 acc[NT];
     for (int i = 0; i < NT; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t s = 0; s < nsb; ++s) {
@@ -255,9 +240,8 @@ static void q6k_tile(const uint8_t* quants, const uint8_t* scales, int64_t nsb, 
             for (int i = 0; i < NT; ++i) {
                 const int64_t tb = (tok0 + i) * a.nb + s * 8 + j;
                 const int8_t* x = a.q + (tok0 + i) * a.ldq + (s * 8 + j) * kBlock;
-                const int32_t lo_sum = sum16(x), hi_sum = a.s[tb] - lo_sum;
-                const __m512i lo = dot4(q, x, 0, _mm512_set1_epi32(-32 * lo_sum));
-                const __m512i hi = dot4(q, x, 4, _mm512_set1_epi32(-32 * hi_sum));
+                const __m512i lo = dot4(q, x, 0, _mm512_set1_epi32(offs[2 * tb]));
+                const __m512i hi = dot4(q, x, 4, _mm512_set1_epi32(offs[2 * tb + 1]));
                 const __m512i dot = _mm512_add_epi32(_mm512_mullo_epi32(lo, sc_lo), _mm512_mullo_epi32(hi, sc_hi));
                 sd[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(a.d[tb]), sd[i]);
             }
@@ -269,10 +253,11 @@ static void q6k_tile(const uint8_t* quants, const uint8_t* scales, int64_t nsb, 
 }
 
 template <int32_t kType, int NT>
-static inline void tile(const uint8_t* w, const uint8_t* scales, const Q4KScales* dec, int64_t nsb, int64_t t,
-                        const ActQ8& a, int64_t tok0, float* out, int64_t ldo, int64_t valid, bool accumulate) {
+static inline void tile(const uint8_t* w, const uint8_t* scales, const Q4KScales* dec, const int32_t* offs,
+                        int64_t nsb, int64_t t, const ActQ8& a, int64_t tok0, float* out, int64_t ldo, int64_t valid,
+                        bool accumulate) {
     if (kType == kQ4_K) q4k_tile<NT>(w, dec, nsb, t, a, tok0, out, ldo, valid, accumulate);
-    else q6k_tile<NT>(w, scales, nsb, t, a, tok0, out, ldo, valid, accumulate);
+    else q6k_tile<NT>(w, scales, offs, nsb, t, a, tok0, out, ldo, valid, accumulate);
 }
 
 template <int32_t kType>
@@ -287,17 +272,8 @@ static void matmul(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, i
             q4k_tile_gemv(w, scales, nsb, t, a, sda.data(), out, n_rows - t * kTileRows, accumulate);
         return;
     }
-    if (kType == kQ6_K && a.T == 1) {
-        std::vector<int32_t> offs(size_t(2 * a.nb));
-        for (int64_t b = 0; b < a.nb; ++b) {
-            const int32_t lo_sum = sum16(a.q + b * kBlock);
-            offs[size_t(2 * b)] = -32 * lo_sum;
-            offs[size_t(2 * b + 1)] = -32 * (a.s[b] - lo_sum);
-        }
-        for (int64_t t = tile0; t < tile1; ++t)
-            q6k_tile_gemv(w, scales, nsb, t, a, offs.data(), out, n_rows - t * kTileRows, accumulate);
-        return;
-    }
+    std::vector<int32_t> offs(kType == kQ6_K ? size_t(2 * a.nb * a.T) : 0);
+    if (kType == kQ6_K) q6_offsets(a, offs.data());
     // Q4_K: a tile's scales decoded once for all the call's tokens.
     std::vector<Q4KScales> dec(kType == kQ4_K ? size_t(nsb) : 0);
     for (int64_t t = tile0; t < tile1; ++t) {
@@ -305,9 +281,9 @@ static void matmul(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, i
             for (int64_t s = 0; s < nsb; ++s) q4k_decode(scales + (t * nsb + s) * kQ4KTileScales, &dec[size_t(s)]);
         const int64_t valid = n_rows - t * kTileRows;
         int64_t tok = 0;
-        for (; tok + 8 <= a.T; tok += 8) tile<kType, 8>(w, scales, dec.data(), nsb, t, a, tok, out, ldo, valid, accumulate);
-        for (; tok + 4 <= a.T; tok += 4) tile<kType, 4>(w, scales, dec.data(), nsb, t, a, tok, out, ldo, valid, accumulate);
-        for (; tok < a.T; ++tok) tile<kType, 1>(w, scales, dec.data(), nsb, t, a, tok, out, ldo, valid, accumulate);
+        for (; tok + 8 <= a.T; tok += 8) tile<kType, 8>(w, scales, dec.data(), offs.data(), nsb, t, a, tok, out, ldo, valid, accumulate);
+        for (; tok + 4 <= a.T; tok += 4) tile<kType, 4>(w, scales, dec.data(), offs.data(), nsb, t, a, tok, out, ldo, valid, accumulate);
+        for (; tok < a.T; ++tok) tile<kType, 1>(w, scales, dec.data(), offs.data(), nsb, t, a, tok, out, ldo, valid, accumulate);
     }
 }
 

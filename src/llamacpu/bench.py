@@ -52,26 +52,25 @@ def _others(a, b) -> float:
     return max(0.0, ((b[1] - a[1]) - (b[2] - a[2])) / HZ / dt) if dt > 0 else 0.0
 
 
-def weight_bytes_per_token(llm) -> int:
-    """Bytes of weights one generated token reads: every tensor but the embedding table (one
-    row of it is read), unless the output projection is tied to it."""
+def tensors_read_per_token(llm) -> list:
+    """The tensors one generated token reads in full: all but the embedding table (one row of
+    it is read), unless the output projection is tied to it."""
     t = llm._file.meta.tensors
-    total = sum(x.size for x in t.values())
-    if not llm.config.tied_output:
-        total -= t["tok_embeddings"].size
-    return total
+    return [x for name, x in t.items() if llm.config.tied_output or name != "tok_embeddings"]
+
+
+def weight_bytes_per_token(llm) -> int:
+    return sum(x.size for x in tensors_read_per_token(llm))
 
 
 def weight_span(llm) -> tuple[int, int]:
-    """[start, end) of the file bytes a generated token reads: every tensor that
-    weight_bytes_per_token counts (the converter writes the embedding table first, so these
-    are one run of the file)."""
-    t = llm._file.meta.tensors
-    read = [x for name, x in t.items() if llm.config.tied_output or name != "tok_embeddings"]
+    """[start, end) of the file bytes a generated token reads (the converter writes the
+    embedding table first, so these tensors are one run of the file)."""
+    read = tensors_read_per_token(llm)
     return min(x.offset for x in read), max(x.offset + x.size for x in read)
 
 
-def generate_probed(m, mm, span, threads: int, logits, n_gen: int, greedy, seg: int = 8):
+def generate_probed(mm, span, threads: int, logits, n_gen: int, greedy, seg: int = 8):
     """Generates n_gen tokens in runs of seg, reading the weights a token reads once before,
     between and after the runs (the model's own mapping, the same pages, the same thread
     count). Returns (generation seconds, GB/s of all reads, GB/s of the fastest read): the
@@ -148,7 +147,7 @@ def run_bench(model: str, threads=None, n_prompt: int = 512, n_gen: int = 128, r
         r_pp = n_prompt / (s1[0] - s0[0])
         logits = m.forward(prompt[:1], 0)
         s2 = _cpu_snap()
-        t_gen, bw, bw_best = generate_probed(m, llm._file.mm, span, llm.n_threads, logits, n_gen, greedy)
+        t_gen, bw, bw_best = generate_probed(llm._file.mm, span, llm.n_threads, logits, n_gen, greedy)
         s3 = _cpu_snap()
         r_tg = n_gen / t_gen
         busy = max(_others(s0, s1), _others(s2, s3))
