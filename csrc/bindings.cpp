@@ -367,14 +367,15 @@ public:
     explicit PyKernels(const std::string& isa) : k_(table_or_throw(isa)) {}
     std::string name() const { return k_->name; }
 
-    py::tuple quantize_row_q8(py::array x) {
+    py::tuple quantize_row_q8(py::array x, int64_t group) {
         Rows xr = rows_of(x, "x", false);
-        need(xr.rows == 1 && xr.cols % kBlock == 0, "quantize_row_q8: 1-D, length a multiple of 32");
+        need(group == kBlock || group == kSuperBlock, "quantize_row_q8: group is 32 or 256");
+        need(xr.rows == 1 && xr.cols % group == 0, "quantize_row_q8: 1-D, length a multiple of the group");
         const int64_t nb = xr.cols / kBlock;
         py::array_t<int8_t> q(xr.cols);
         py::array_t<float> d(nb);
         py::array_t<int32_t> s(nb);
-        k_->quantize_row_q8(xr.p, xr.cols, q.mutable_data(), d.mutable_data(), s.mutable_data());
+        k_->quantize_row_q8(xr.p, xr.cols, group, q.mutable_data(), d.mutable_data(), s.mutable_data());
         return py::make_tuple(q, d, s);
     }
 
@@ -571,7 +572,7 @@ PYBIND11_MODULE(_core, m) {
     py::class_<PyKernels>(m, "Kernels")
         .def(py::init<const std::string&>())
         .def_property_readonly("name", &PyKernels::name)
-        .def("quantize_row_q8", &PyKernels::quantize_row_q8)
+        .def("quantize_row_q8", &PyKernels::quantize_row_q8, py::arg("x"), py::arg("group") = kBlock)
         .def("softmax", &PyKernels::softmax)
         .def("attention", &PyKernels::attention);
 

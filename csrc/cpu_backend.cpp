@@ -176,10 +176,15 @@ private:
         int8_t* aq = act_q_.data();
         float* ad = act_d_.data();
         int32_t* as = act_s_.data();
+        // The K-quant kernels sum a whole super-block in integers, so their activations share
+        // one scale per super-block (kquants.h).
+        const int64_t group = is_kquant(w.dtype) ? kSuperBlock : kBlock;
         if (n_tok == 1) {
-            k_->quantize_row_q8(x, k, aq, ad, as);
+            k_->quantize_row_q8(x, k, group, aq, ad, as);
         } else {
-            par(n_tok, n_tok * k, [&](int64_t t, int) { k_->quantize_row_q8(x + t * ldx, k, aq + t * k, ad + t * nb, as + t * nb); });
+            par(n_tok, n_tok * k, [&](int64_t t, int) {
+                k_->quantize_row_q8(x + t * ldx, k, group, aq + t * k, ad + t * nb, as + t * nb);
+            });
         }
         const int64_t tiles = n_tiles(w.rows);
         auto fn = w.dtype == kQ4_0 ? k_->matmul_q4_0 : w.dtype == kQ4_1 ? k_->matmul_q4_1 : k_->matmul_q8_0;

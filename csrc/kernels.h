@@ -36,9 +36,10 @@ struct KernelTable {
     void (*matmul_f32)(const float* w, int64_t k, int64_t row0, int64_t row1, const float* x,
                        int64_t ldx, int64_t n_tok, float* out, int64_t ldo, bool accumulate);
 
-    // One row of activations to int8 blocks of 32 (k % 32 == 0): d = max|x|/127,
-    // q = round(x/d), s = sum of q per block.
-    void (*quantize_row_q8)(const float* x, int64_t k, int8_t* q, float* d, int32_t* s);
+    // One row of activations to int8 blocks of 32 (k % group == 0): per group of `group`
+    // columns (32, or kSuperBlock for the K-quant matmuls) d = max|x|/127 and q = round(x/d);
+    // per block of 32, d (the group's, repeated) and s = sum of q.
+    void (*quantize_row_q8)(const float* x, int64_t k, int64_t group, int8_t* q, float* d, int32_t* s);
 
     // out = x / sqrt(mean(x^2) + eps) * w, one row.
     void (*rmsnorm)(const float* x, const float* w, int64_t n, float eps, float* out);

@@ -101,11 +101,14 @@ static void matmul_f32(const float* w, int64_t k, int64_t row0, int64_t row1, co
     matmul_float(w, k, row0, row1, x, ldx, n_tok, out, ldo, accumulate);
 }
 
-static void quantize_row_q8(const float* x, int64_t k, int8_t* q, float* d, int32_t* s) {
+static void quantize_row_q8(const float* x, int64_t k, int64_t group, int8_t* q, float* d, int32_t* s) {
+    float amax = 0.0f;
     for (int64_t b = 0; b < k / kBlock; ++b) {
         const float* xb = x + b * kBlock;
-        float amax = 0.0f;
-        for (int i = 0; i < kBlock; ++i) amax = std::fmax(amax, std::fabs(xb[i]));
+        if (b * kBlock % group == 0) {
+            amax = 0.0f;
+            for (int64_t i = 0; i < group; ++i) amax = std::fmax(amax, std::fabs(xb[i]));
+        }
         const float db = amax / 127.0f;
         const float id = act_inv_scale(amax);
         int32_t sum = 0;

@@ -25,17 +25,18 @@
 //     d*sc_g*(q-32).
 //   scales: [0, 32) 16 fp16 d; [32, 288) 16 groups x 16 rows of int8 sc: byte 32 + 16*g + r.
 //
-// Activations are the block-32 ActQ8 (one float scale da per 32 columns), so each sub-block
-// needs its own float step. Per row and token, every path computes, for each super-block s
-// (blocks b = 8s + j, int dots exact):
-//   Q4_K: sd = sum_j float(sc_j * dot_j) * da_b           dot_j = sum q * a
-//         sm = sum_j float(m_j) * (float(sum_b a) * da_b)
-//         acc = acc + d_s * sd;  acc = acc - dmin_s * sm
-//   Q6_K: sd = sum_j float(sc_2j * dot_2j + sc_2j+1 * dot_2j+1) * da_b   dot_g = sum (q-32) * a
-//         acc = acc + d_s * sd
-// each sum in j order. The SIMD paths fuse every multiply-add (fma), so they agree bit for bit
-// with each other; the scalar reference rounds the products separately. Every integer is
-// exact in float32: |sc*dot| < 2^22 for Q4_K and < 2^24 for Q6_K.
+// Activations are the block-32 ActQ8 quantized with one scale per super-block
+// (quantize_row_q8 with group kSuperBlock): da is the same for the 8 blocks b = 8s + j of
+// super-block s, and s_b is each block's sum of quants. That lets every path sum a whole
+// super-block in integers. Per row and token, for each super-block s:
+//   Q4_K: isd = sum_j sc_j * dot_j,  ism = sum_j m_j * s_b         dot_j = sum q * a
+//         acc = acc + (d_s * da) * float(isd);  acc = acc - (dmin_s * da) * float(ism)
+//   Q6_K: isd = sum_j sc_2j * dot_2j + sc_2j+1 * dot_2j+1           dot_g = sum (q-32) * a
+//         acc = acc + (d_s * da) * float(isd)
+// The integer sums are exact in int32 (Q4_K: |isd| <= 8 * 63 * 32 * 15 * 127 < 2^25,
+// |ism| <= 8 * 63 * 32 * 127 < 2^22; Q6_K: |isd| <= 16 * 128 * 16 * 32 * 127 < 2^28); the
+// float steps are the same on every path. The SIMD paths fuse each update of acc (fma), so
+// they agree bit for bit with each other; the scalar reference rounds the product first.
 #pragma once
 
 #include <cstdint>

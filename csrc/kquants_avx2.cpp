@@ -5,8 +5,10 @@
 // 32-column sub-block is a Q4_0 tile-block: pmaddubsw of the unsigned quants with a broadcast
 // 4-byte activation group, summed in int16. The sub-block scale rides on the pmaddwd that
 // widens those sums (its second operand holds the scale in both int16 halves of a row's lane),
-// so applying it costs nothing. Scales are decoded for 16 rows at a time in xmm registers: for
-// one token as they are needed, for a batch once per tile and call, for every token.
+// so applying it costs nothing, and the super-block's sums add up in int32 (one activation
+// scale per super-block, kquants.h). Q4_K's min term is four more pmaddwd per half: pairs of
+// sub-blocks' mins against pairs of activation block sums. Scales are decoded for 16 rows at a
+// time: for one token once per tile-superblock, for a batch once per tile and call.
 //
 // Q6_K's 6-bit quants (0..63) times int8 activations overflow int16 after two pmaddubsw, but
 // sum (q - 32) * a over a 16-column group does not (8 products of at most 32 * 127 per int16
@@ -44,17 +46,10 @@ static inline void pairs_i8(__m128i a, __m128i b, __m256i* half0, __m256i* half1
 
 // ---- Q4_K ----------------------------------------------------------------------------------
 
-// float(sum_b a) * da_b for the 8 blocks b0.. of one token: the activation side of the min
-// term (the same product the scalar path forms).
-static inline __m256 q4k_act_sums(const ActQ8& a, int64_t tok, int64_t b0) {
-    const int64_t i = tok * a.nb + b0;
-    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.s + i))),
-                         _mm256_loadu_ps(a.d + i));
-}
-
-// The 6-bit scales and mins of a tile-superblock's 16 rows, byte r of sc[j] / m[j] for row r:
-// all eight sub-blocks decoded with whole-vector operations, stored for the per-sub-block
-// loads that follow.
+// The 6-bit scales and mins of a tile-superblock's 16 rows, all eight sub-blocks decoded with
+// whole-vector operations and stored for the broadcast loads that follow. sc[j]: byte r for
+// row r. m[2p .. 2p+1] (32 bytes) for the sub-block pair (2p, 2p+1): m_2p of rows 0-7, m_2p+1 of
+// rows 0-7, m_2p of rows 8-15, m_2p+1 of rows 8-15, so one 16-byte load serves one half.
 struct alignas(32) Q4KRowBytes {
     uint8_t sc[8][16], m[8][16];
 };
@@ -62,30 +57,49 @@ struct alignas(32) Q4KRowBytes {
 static inline void q4k_unpack_scales(const uint8_t* B, Q4KRowBytes* o) {
     auto ld = [&](int k) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(B + 16 * k)); };
     auto st = [](uint8_t* p, __m256i v) { _mm256_store_si256(reinterpret_cast<__m256i*>(p), v); };
+    // 64-bit quarters (m_2p rows 0-7, rows 8-15, m_2p+1 rows 0-7, rows 8-15) -> the pair order.
+    auto st_pair = [&](uint8_t* p, __m256i v) { st(p, _mm256_permute4x64_epi64(v, 0xD8)); };
     const __m256i m63 = _mm256_set1_epi8(63), m15 = _mm256_set1_epi8(15), m48 = _mm256_set1_epi8(48);
     const __m256i b01 = ld(0), b23 = ld(2), b45 = ld(4), b67 = ld(6), b89 = ld(8), b1011 = ld(10);
     st(o->sc[0], _mm256_and_si256(b01, m63));
     st(o->sc[2], _mm256_and_si256(b23, m63));
-    st(o->m[0], _mm256_and_si256(b45, m63));
-    st(o->m[2], _mm256_and_si256(b67, m63));
+    st_pair(o->m[0], _mm256_and_si256(b45, m63));
+    st_pair(o->m[2], _mm256_and_si256(b67, m63));
     // j >= 4: the top two bits of B[j-4] (scale) and B[j] (min) are bits 4-5.
     auto top = [&](__m256i b) { return _mm256_and_si256(_mm256_srli_epi16(b, 2), m48); };
     st(o->sc[4], _mm256_or_si256(_mm256_and_si256(b89, m15), top(b01)));
     st(o->sc[6], _mm256_or_si256(_mm256_and_si256(b1011, m15), top(b23)));
-    st(o->m[4], _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b89, 4), m15), top(b45)));
-    st(o->m[6], _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b1011, 4), m15), top(b67)));
+    st_pair(o->m[4], _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b89, 4), m15), top(b45)));
+    st_pair(o->m[6], _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b1011, 4), m15), top(b67)));
 }
 
-// float(m_j) of rows 0-7 (m0) and 8-15 (m1): in-lane shuffles of the 16 bytes broadcast to
-// both lanes, cheaper than zero-extending across lanes.
-static inline void q4k_m16(const Q4KRowBytes& rb, int j, __m256* m0, __m256* m1) {
-    const __m256i idx0 = _mm256_setr_epi8(0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3, -1, -1, -1,
-                                          4, -1, -1, -1, 5, -1, -1, -1, 6, -1, -1, -1, 7, -1, -1, -1);
-    const __m256i idx1 = _mm256_setr_epi8(8, -1, -1, -1, 9, -1, -1, -1, 10, -1, -1, -1, 11, -1, -1, -1,
-                                          12, -1, -1, -1, 13, -1, -1, -1, 14, -1, -1, -1, 15, -1, -1, -1);
-    const __m256i m = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(rb.m[j])));
-    *m0 = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(m, idx0));
-    *m1 = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(m, idx1));
+// 16 bytes from memory in both 128-bit lanes. Written as inline asm so that the compiler keeps
+// the load-unit broadcast instead of rebuilding the value from a register just stored with a
+// lane permute (an ALU op).
+static inline __m256i bcast16(const uint8_t* p) {
+    __m256i v;
+    __asm__("vbroadcasti128 %1, %0" : "=x"(v) : "m"(*reinterpret_cast<const __m128i*>(p)));
+    return v;
+}
+
+// (m_2p, m_2p+1) as int16 pairs per row lane of half h, from the pair-ordered bytes.
+static inline __m256i q4k_min_pairs(const Q4KRowBytes& rb, int p, int h) {
+    const __m256i idx = _mm256_setr_epi8(0, -1, 8, -1, 1, -1, 9, -1, 2, -1, 10, -1, 3, -1, 11, -1,
+                                         4, -1, 12, -1, 5, -1, 13, -1, 6, -1, 14, -1, 7, -1, 15, -1);
+    return _mm256_shuffle_epi8(bcast16(rb.m[2 * p] + 16 * h), idx);
+}
+
+// The activation block sums of super-block sb of one token as int16 pairs (s_2p, s_2p+1), one
+// int32 per pair p: the second operand of the min term's pmaddwd. |s| <= 32 * 127 fits int16.
+static inline void q4k_sum_pairs(const ActQ8& a, int64_t tok, int64_t sb, int32_t* out) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.s + tok * a.nb + 8 * sb));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
+}
+
+// acc + (d * da) * float(isd) - (dmin * da) * float(ism): the end of a Q4_K super-block.
+static inline __m256 q4k_finish(__m256 acc, __m256 d, __m256 dmin, __m256 da, __m256i isd, __m256i ism) {
+    acc = _mm256_fmadd_ps(_mm256_mul_ps(d, da), _mm256_cvtepi32_ps(isd), acc);
+    return _mm256_fnmadd_ps(_mm256_mul_ps(dmin, da), _mm256_cvtepi32_ps(ism), acc);
 }
 
 // One token, both halves: one pass over the tile's bytes, each activation group broadcast
@@ -103,10 +117,7 @@ static void q4k_tile_gemv(const uint8_t* quants, const uint8_t* scales, int64_t 
         const uint8_t* ts = scales + (t * nsb + s) * kQ4KTileScales;
         const uint8_t* tq = quants + (t * nsb + s) * kQ4KTileQuants;
         q4k_unpack_scales(ts + 64, &rb);
-        alignas(32) float sa[8];
-        _mm256_store_ps(sa, q4k_act_sums(a, 0, s * 8));
-        __m256 sd0 = _mm256_setzero_ps(), sd1 = _mm256_setzero_ps();
-        __m256 sm0 = _mm256_setzero_ps(), sm1 = _mm256_setzero_ps();  // sum_j float(m_j) * sa_j
+        __m256i isd0 = _mm256_setzero_si256(), isd1 = _mm256_setzero_si256();
         for (int j = 0; j < 8; ++j) {
             const int8_t* x = a.q + (s * 8 + j) * kBlock;
             const uint8_t* sub = tq + 256 * j;
@@ -114,21 +125,21 @@ static void q4k_tile_gemv(const uint8_t* quants, const uint8_t* scales, int64_t 
             __m256i s0, s1;
             q4_tile_nibble_sums(sub, x, &s0, &s1);
             // (sc, sc) pairs of rows 0-7 and 8-15: two in-lane shuffles of the 16 rows' bytes.
-            const __m256i sc = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(rb.sc[j])));
-            const __m256i p0 = _mm256_shuffle_epi8(sc, pair_idx), p1 = _mm256_shuffle_epi8(sc, pair_idx_hi);
-            const __m256 da = _mm256_set1_ps(a.d[s * 8 + j]);
-            sd0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s0, p0)), da, sd0);
-            sd1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s1, p1)), da, sd1);
-            const __m256 saj = _mm256_broadcast_ss(sa + j);
-            __m256 m0, m1;
-            q4k_m16(rb, j, &m0, &m1);
-            sm0 = _mm256_fmadd_ps(m0, saj, sm0);
-            sm1 = _mm256_fmadd_ps(m1, saj, sm1);
+            const __m256i sc = bcast16(rb.sc[j]);
+            isd0 = _mm256_add_epi32(isd0, _mm256_madd_epi16(s0, _mm256_shuffle_epi8(sc, pair_idx)));
+            isd1 = _mm256_add_epi32(isd1, _mm256_madd_epi16(s1, _mm256_shuffle_epi8(sc, pair_idx_hi)));
         }
-        acc0 = _mm256_fmadd_ps(load8_f16(ts), sd0, acc0);
-        acc1 = _mm256_fmadd_ps(load8_f16(ts + 16), sd1, acc1);
-        acc0 = _mm256_fnmadd_ps(load8_f16(ts + 32), sm0, acc0);
-        acc1 = _mm256_fnmadd_ps(load8_f16(ts + 48), sm1, acc1);
+        alignas(16) int32_t sp[4];
+        q4k_sum_pairs(a, 0, s, sp);
+        __m256i ism0 = _mm256_setzero_si256(), ism1 = _mm256_setzero_si256();
+        for (int p = 0; p < 4; ++p) {
+            const __m256i sums = _mm256_set1_epi32(sp[p]);
+            ism0 = _mm256_add_epi32(ism0, _mm256_madd_epi16(q4k_min_pairs(rb, p, 0), sums));
+            ism1 = _mm256_add_epi32(ism1, _mm256_madd_epi16(q4k_min_pairs(rb, p, 1), sums));
+        }
+        const __m256 da = _mm256_set1_ps(a.d[s * 8]);
+        acc0 = q4k_finish(acc0, load8_f16(ts), load8_f16(ts + 32), da, isd0, ism0);
+        acc1 = q4k_finish(acc1, load8_f16(ts + 16), load8_f16(ts + 48), da, isd1, ism1);
     }
     const int64_t n0 = t * kTileRows;
     store_rows8(out + n0, acc0, n_rows - n0, accumulate);
@@ -139,41 +150,37 @@ static void q4k_tile_gemv(const uint8_t* quants, const uint8_t* scales, int64_t 
 // once per tile and call, used by every token.
 struct Q4KHalf {
     __m256i sc[8];  // (sc_j, sc_j) int16 pairs per row lane
-    __m256 m[8];    // m_j as float
+    __m256i m[4];   // (m_2p, m_2p+1) int16 pairs per row lane
     __m256 d, dmin;
 };
 
 static inline void q4k_decode(const uint8_t* ts, Q4KHalf* out) {
     Q4KRowBytes rb;
     q4k_unpack_scales(ts + 64, &rb);
-    for (int j = 0; j < 8; ++j) {
+    for (int j = 0; j < 8; ++j)
         pairs_u8(_mm_load_si128(reinterpret_cast<const __m128i*>(rb.sc[j])), &out[0].sc[j], &out[1].sc[j]);
-        const __m128i m = _mm_load_si128(reinterpret_cast<const __m128i*>(rb.m[j]));
-        out[0].m[j] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(m));
-        out[1].m[j] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(m, 8)));
-    }
     for (int h = 0; h < 2; ++h) {
+        for (int p = 0; p < 4; ++p) out[h].m[p] = q4k_min_pairs(rb, p, h);
         out[h].d = load8_f16(ts + 16 * h);
         out[h].dmin = load8_f16(ts + 32 + 16 * h);
     }
 }
 
 // NT tokens from tok0, the halves of a tile with rows (nh of them): each weight vector is
-// unpacked once for all NT tokens, the activation side of each super-block computed once for
-// both halves. dec: the tile's decoded scales, [super-block][half]. Per (row, token) the float
-// work is the gemv path's, so the batch size never changes a result.
+// unpacked once for all NT tokens. dec: the tile's decoded scales, [super-block][half]. Per
+// (row, token) the arithmetic is the gemv path's, so the batch size never changes a result.
 template <int NT>
 static void q4k_tokens(const uint8_t* tq, const Q4KHalf* dec, int64_t nsb, const ActQ8& a, int64_t tok0, int nh,
                        __m256 (*acc)[NT]) {
     const __m256i m4 = _mm256_set1_epi8(0x0f);
     for (int64_t s = 0; s < nsb; ++s) {
-        alignas(32) float sa[NT][8];
-        for (int i = 0; i < NT; ++i) _mm256_store_ps(sa[i], q4k_act_sums(a, tok0 + i, s * 8));
+        alignas(16) int32_t sp[NT][4];
+        for (int i = 0; i < NT; ++i) q4k_sum_pairs(a, tok0 + i, s, sp[i]);
         const uint8_t* sq = tq + s * kQ4KTileQuants;
         for (int h = 0; h < nh; ++h) {
             const Q4KHalf& hs = dec[2 * s + h];
-            __m256 sd[NT];
-            for (int i = 0; i < NT; ++i) sd[i] = _mm256_setzero_ps();
+            __m256i isd[NT];
+            for (int i = 0; i < NT; ++i) isd[i] = _mm256_setzero_si256();
             for (int j = 0; j < 8; ++j) {
                 const int8_t* x[NT];
                 for (int i = 0; i < NT; ++i) x[i] = a.q + (tok0 + i) * a.ldq + (s * 8 + j) * kBlock;
@@ -186,19 +193,16 @@ static void q4k_tokens(const uint8_t* tq, const Q4KHalf* dec, int64_t nsb, const
                     for (int i = 0; i < NT; ++i) {
                         sum[i] = _mm256_add_epi16(sum[i], _mm256_maddubs_epi16(lo, bcast4(x[i] + 4 * v)));
                         sum[i] = _mm256_add_epi16(sum[i], _mm256_maddubs_epi16(hi, bcast4(x[i] + 16 + 4 * v)));
-                        __asm__("" : "+x"(sum[i]));  // a running sum per token (see q4k_tile_gemv)
+                        __asm__("" : "+x"(sum[i]));  // a running sum per token (see q4_tile_nibble_sums)
                     }
                 }
-                for (int i = 0; i < NT; ++i) {
-                    const __m256i dot = _mm256_madd_epi16(sum[i], hs.sc[j]);
-                    sd[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(a.d[(tok0 + i) * a.nb + s * 8 + j]), sd[i]);
-                }
+                for (int i = 0; i < NT; ++i) isd[i] = _mm256_add_epi32(isd[i], _mm256_madd_epi16(sum[i], hs.sc[j]));
             }
             for (int i = 0; i < NT; ++i) {
-                __m256 sm = _mm256_setzero_ps();
-                for (int j = 0; j < 8; ++j) sm = _mm256_fmadd_ps(hs.m[j], _mm256_broadcast_ss(&sa[i][j]), sm);
-                acc[h][i] = _mm256_fmadd_ps(hs.d, sd[i], acc[h][i]);
-                acc[h][i] = _mm256_fnmadd_ps(hs.dmin, sm, acc[h][i]);
+                __m256i ism = _mm256_setzero_si256();
+                for (int p = 0; p < 4; ++p) ism = _mm256_add_epi32(ism, _mm256_madd_epi16(hs.m[p], _mm256_set1_epi32(sp[i][p])));
+                const __m256 da = _mm256_set1_ps(a.d[(tok0 + i) * a.nb + s * 8]);
+                acc[h][i] = q4k_finish(acc[h][i], hs.d, hs.dmin, da, isd[i], ism);
             }
         }
     }
@@ -298,19 +302,19 @@ static void q6k_tile_gemv(const uint8_t* quants, const uint8_t* scales, int64_t 
     for (int64_t s = 0; s < nsb; ++s) {
         const uint8_t* ts = scales + (t * nsb + s) * kQ6KTileScales;
         const uint8_t* tq = quants + (t * nsb + s) * kQ6KTileQuants;
-        __m256 sd0 = _mm256_setzero_ps(), sd1 = _mm256_setzero_ps();
+        __m256i isd0 = _mm256_setzero_si256(), isd1 = _mm256_setzero_si256();
         for (int j = 0; j < 8; ++j) {
             const int64_t b = s * 8 + j;
             prefetch_ahead(tq + 384 * j, 384);
             __m256i d0, d1;
             q6_tile_sub_dots(tq + 384 * j, a.q + b * kBlock, offs + 2 * b, ts + 32 + 16 * (2 * j),
                              ts + 32 + 16 * (2 * j + 1), &d0, &d1);
-            const __m256 da = _mm256_set1_ps(a.d[b]);
-            sd0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), da, sd0);
-            sd1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), da, sd1);
+            isd0 = _mm256_add_epi32(isd0, d0);
+            isd1 = _mm256_add_epi32(isd1, d1);
         }
-        acc0 = _mm256_fmadd_ps(load8_f16(ts), sd0, acc0);
-        acc1 = _mm256_fmadd_ps(load8_f16(ts + 16), sd1, acc1);
+        const __m256 da = _mm256_set1_ps(a.d[s * 8]);
+        acc0 = _mm256_fmadd_ps(_mm256_mul_ps(load8_f16(ts), da), _mm256_cvtepi32_ps(isd0), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_mul_ps(load8_f16(ts + 16), da), _mm256_cvtepi32_ps(isd1), acc1);
     }
     const int64_t n0 = t * kTileRows;
     store_rows8(out + n0, acc0, n_rows - n0, accumulate);
@@ -345,11 +349,9 @@ static void q6k_tokens(const uint8_t* tq, const Q6KHalf* dec, int64_t nsb, const
         const uint8_t* sq = tq + s * kQ6KTileQuants;
         for (int h = 0; h < nh; ++h) {
             const Q6KHalf& hs = dec[2 * s + h];
-            __m256 sd[NT];
-            for (int i = 0; i < NT; ++i) sd[i] = _mm256_setzero_ps();
+            __m256i dot[NT];
+            for (int i = 0; i < NT; ++i) dot[i] = _mm256_setzero_si256();
             for (int j = 0; j < 8; ++j) {
-                __m256i dot[NT];
-                for (int i = 0; i < NT; ++i) dot[i] = _mm256_setzero_si256();
                 for (int t = 0; t < 2; ++t) {
                     __m256i q[4];
                     q6_unpack(sq + 384 * j + 3 * t * 64 + h * 32, q);
@@ -363,10 +365,11 @@ static void q6k_tokens(const uint8_t* tq, const Q6KHalf* dec, int64_t nsb, const
                         __asm__("" : "+x"(dot[i]));  // a running sum per token (see q4k_tile_gemv)
                     }
                 }
-                for (int i = 0; i < NT; ++i)
-                    sd[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[i]), _mm256_set1_ps(a.d[(tok0 + i) * a.nb + s * 8 + j]), sd[i]);
             }
-            for (int i = 0; i < NT; ++i) acc[h][i] = _mm256_fmadd_ps(hs.d, sd[i], acc[h][i]);
+            for (int i = 0; i < NT; ++i) {
+                const __m256 dd = _mm256_mul_ps(hs.d, _mm256_set1_ps(a.d[(tok0 + i) * a.nb + s * 8]));
+                acc[h][i] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(dot[i]), acc[h][i]);
+            }
         }
     }
 }

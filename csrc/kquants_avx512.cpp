@@ -3,8 +3,10 @@
 // the same bits.
 //
 // A 16-row tile is one zmm (lane r = row r). vpdpbusd accumulates the exact int32 dot of each
-// row with a broadcast 4-byte activation group; the sub-block scale is one vpmulld. For Q6_K
-// the dot of the unsigned quants starts from -32 * sum(a), which turns it into sum (q-32) * a.
+// row with a broadcast 4-byte activation group; the sub-block scale is one vpmulld, and the
+// super-block's scaled dots (and Q4_K's mins times the activation block sums) add up in int32,
+// the activations having one scale per super-block. For Q6_K the dot of the unsigned quants
+// starts from -32 * sum(a), which turns it into sum (q-32) * a.
 //
 // With LLAMACPU_SIMDE this file is built a second time against SIMDe's emulation
 // (kquants_avx512_emu.cpp), so the tests run this code on CPUs without AVX-512.
@@ -102,9 +104,8 @@ static inline __m512i dot4(const __m512i* q, const int8_t* x, int g0, __m512i in
 }
 
 struct Q4KScales {
-    __m512i sc[8];
-    __m512 m[8];
-    __m512 d, neg_dmin;
+    __m512i sc[8], m[8];
+    __m512 d, dmin;
 };
 
 // The 6-bit scales and mins of a tile-superblock's 16 rows, byte r of sc[j] / m[j] for row r,
@@ -129,10 +130,24 @@ static inline void q4k_decode(const uint8_t* ts, Q4KScales* out) {
     q4k_unpack_scales(ts + 64, &rb);
     for (int j = 0; j < 8; ++j) {
         out->sc[j] = load16_u8(rb.sc[j]);
-        out->m[j] = _mm512_cvtepi32_ps(load16_u8(rb.m[j]));
+        out->m[j] = load16_u8(rb.m[j]);
     }
     out->d = load16_f16(ts);
-    out->neg_dmin = _mm512_sub_ps(_mm512_setzero_ps(), load16_f16(ts + 32));
+    out->dmin = load16_f16(ts + 32);
+}
+
+// sum_j m_j * s_j over the super-block's activation block sums s8 (one token).
+static inline __m512i q4k_min_dot(const __m512i* m, const int32_t* s8) {
+    __m512i ism = _mm512_setzero_si512();
+    for (int j = 0; j < 8; ++j) ism = _mm512_add_epi32(ism, _mm512_mullo_epi32(m[j], _mm512_set1_epi32(s8[j])));
+    return ism;
+}
+
+// acc + (d * da) * float(isd) - (dmin * da) * float(ism): the end of a Q4_K super-block.
+static inline __m512 q4k_finish(__m512 acc, __m512 d, __m512 dmin, float da, __m512i isd, __m512i ism) {
+    const __m512 vda = _mm512_set1_ps(da);
+    acc = _mm512_fmadd_ps(_mm512_mul_ps(d, vda), _mm512_cvtepi32_ps(isd), acc);
+    return _mm512_fnmadd_ps(_mm512_mul_ps(dmin, vda), _mm512_cvtepi32_ps(ism), acc);
 }
 
 // NT tokens from tok0 against tile t; dec: the tile's decoded scales, one per super-block.
@@ -144,24 +159,21 @@ static void q4k_tile(const uint8_t* quants, const Q4KScales* dec, int64_t nsb, i
     for (int64_t s = 0; s < nsb; ++s) {
         const Q4KScales& sc = dec[s];
         const uint8_t* tq = quants + (t * nsb + s) * kQ4KTileQuants;
-        __m512 sd[NT], sm[NT];
-        for (int i = 0; i < NT; ++i) sd[i] = sm[i] = _mm512_setzero_ps();
+        __m512i isd[NT];
+        for (int i = 0; i < NT; ++i) isd[i] = _mm512_setzero_si512();
         for (int j = 0; j < 8; ++j) {
             __m512i q[8];
             if (NT == 1) prefetch_ahead(tq + 256 * j, 256);
             unpack_nibbles(tq + 256 * j, q);
             for (int i = 0; i < NT; ++i) {
-                const int64_t tb = (tok0 + i) * a.nb + s * 8 + j;
                 const int8_t* x = a.q + (tok0 + i) * a.ldq + (s * 8 + j) * kBlock;
                 const __m512i dot = dot4(q, x, 4, dot4(q, x, 0, _mm512_setzero_si512()));
-                const float da = a.d[tb];
-                sd[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_mullo_epi32(dot, sc.sc[j])), _mm512_set1_ps(da), sd[i]);
-                sm[i] = _mm512_fmadd_ps(sc.m[j], _mm512_set1_ps(float(a.s[tb]) * da), sm[i]);
+                isd[i] = _mm512_add_epi32(isd[i], _mm512_mullo_epi32(dot, sc.sc[j]));
             }
         }
         for (int i = 0; i < NT; ++i) {
-            acc[i] = _mm512_fmadd_ps(sc.d, sd[i], acc[i]);
-            acc[i] = _mm512_fmadd_ps(sc.neg_dmin, sm[i], acc[i]);
+            const int64_t tb = (tok0 + i) * a.nb + s * 8;
+            acc[i] = q4k_finish(acc[i], sc.d, sc.dmin, a.d[tb], isd[i], q4k_min_dot(sc.m, a.s + tb));
         }
     }
     for (int i = 0; i < NT; ++i) store_rows16(out + (tok0 + i) * ldo + t * kTileRows, acc[i], valid, accumulate);
@@ -170,11 +182,8 @@ static void q4k_tile(const uint8_t* quants, const Q4KScales* dec, int64_t nsb, i
 // One token against tile t (token generation). The high nibbles are not shifted down: dpbusd
 // of (byte & 0xf0) gives 16 times their dot, an exact multiple that one shift at the end
 // undoes, which saves a shift per vector and splits the dot into two independent chains.
-// sc * dot is below 2^24, so it is exact in float and float(sc) * float(dot) is the
-// reference's float(sc * dot) (a multiply instead of vpmulld). sda[b]: float(a.s[b]) * a.d[b],
-// computed once per call.
 static void q4k_tile_gemv(const uint8_t* quants, const uint8_t* scales, int64_t nsb, int64_t t, const ActQ8& a,
-                          const float* sda, float* out, int64_t valid, bool accumulate) {
+                          float* out, int64_t valid, bool accumulate) {
     const __m512i lo4 = _mm512_set1_epi8(0x0f), hi4 = _mm512_set1_epi8(char(0xf0));
     __m512 acc = _mm512_setzero_ps();
     Q4KRowBytes rb;
@@ -182,7 +191,7 @@ static void q4k_tile_gemv(const uint8_t* quants, const uint8_t* scales, int64_t 
         const uint8_t* ts = scales + (t * nsb + s) * kQ4KTileScales;
         const uint8_t* tq = quants + (t * nsb + s) * kQ4KTileQuants;
         q4k_unpack_scales(ts + 64, &rb);
-        __m512 sd = _mm512_setzero_ps(), sm = _mm512_setzero_ps();
+        __m512i isd = _mm512_setzero_si512(), m[8];
         for (int j = 0; j < 8; ++j) {
             const uint8_t* sub = tq + 256 * j;
             prefetch_ahead(sub, 256);
@@ -194,13 +203,10 @@ static void q4k_tile_gemv(const uint8_t* quants, const uint8_t* scales, int64_t 
                 dhi = _mm512_dpbusd_epi32(dhi, _mm512_and_si512(raw, hi4), bcast4(x + 16 + 4 * v));
             }
             const __m512i dot = _mm512_add_epi32(dlo, _mm512_srai_epi32(dhi, 4));
-            const int64_t b = s * 8 + j;
-            const __m512 p = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_cvtepi32_ps(load16_u8(rb.sc[j])));
-            sd = _mm512_fmadd_ps(p, _mm512_set1_ps(a.d[b]), sd);
-            sm = _mm512_fmadd_ps(_mm512_cvtepi32_ps(load16_u8(rb.m[j])), _mm512_set1_ps(sda[b]), sm);
+            isd = _mm512_add_epi32(isd, _mm512_mullo_epi32(dot, load16_u8(rb.sc[j])));
+            m[j] = load16_u8(rb.m[j]);
         }
-        acc = _mm512_fmadd_ps(load16_f16(ts), sd, acc);
-        acc = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_setzero_ps(), load16_f16(ts + 32)), sm, acc);
+        acc = q4k_finish(acc, load16_f16(ts), load16_f16(ts + 32), a.d[s * 8], isd, q4k_min_dot(m, a.s + s * 8));
     }
     store_rows16(out + t * kTileRows, acc, valid, accumulate);
 }
@@ -230,8 +236,8 @@ static void q6k_tile(const uint8_t* quants, const uint8_t* scales, const int32_t
     for (int64_t s = 0; s < nsb; ++s) {
         const uint8_t* ts = scales + (t * nsb + s) * kQ6KTileScales;
         const uint8_t* tq = quants + (t * nsb + s) * kQ6KTileQuants;
-        __m512 sd[NT];
-        for (int i = 0; i < NT; ++i) sd[i] = _mm512_setzero_ps();
+        __m512i isd[NT];
+        for (int i = 0; i < NT; ++i) isd[i] = _mm512_setzero_si512();
         for (int j = 0; j < 8; ++j) {
             __m512i q[8];
             if (NT == 1) prefetch_ahead(tq + 384 * j, 384);
@@ -243,11 +249,14 @@ static void q6k_tile(const uint8_t* quants, const uint8_t* scales, const int32_t
                 const __m512i lo = dot4(q, x, 0, _mm512_set1_epi32(offs[2 * tb]));
                 const __m512i hi = dot4(q, x, 4, _mm512_set1_epi32(offs[2 * tb + 1]));
                 const __m512i dot = _mm512_add_epi32(_mm512_mullo_epi32(lo, sc_lo), _mm512_mullo_epi32(hi, sc_hi));
-                sd[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(a.d[tb]), sd[i]);
+                isd[i] = _mm512_add_epi32(isd[i], dot);
             }
         }
         const __m512 d = load16_f16(ts);
-        for (int i = 0; i < NT; ++i) acc[i] = _mm512_fmadd_ps(d, sd[i], acc[i]);
+        for (int i = 0; i < NT; ++i) {
+            const __m512 dd = _mm512_mul_ps(d, _mm512_set1_ps(a.d[(tok0 + i) * a.nb + s * 8]));
+            acc[i] = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(isd[i]), acc[i]);
+        }
     }
     for (int i = 0; i < NT; ++i) store_rows16(out + (tok0 + i) * ldo + t * kTileRows, acc[i], valid, accumulate);
 }
@@ -266,10 +275,7 @@ static void matmul(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, i
     const int64_t nsb = k / kSuperBlock;
     const uint8_t* scales = w + n_tiles(n_rows) * nsb * k_tile_quant_bytes(kType);
     if (kType == kQ4_K && a.T == 1) {
-        std::vector<float> sda(size_t(a.nb));
-        for (int64_t b = 0; b < a.nb; ++b) sda[size_t(b)] = float(a.s[b]) * a.d[b];
-        for (int64_t t = tile0; t < tile1; ++t)
-            q4k_tile_gemv(w, scales, nsb, t, a, sda.data(), out, n_rows - t * kTileRows, accumulate);
+        for (int64_t t = tile0; t < tile1; ++t) q4k_tile_gemv(w, scales, nsb, t, a, out, n_rows - t * kTileRows, accumulate);
         return;
     }
     std::vector<int32_t> offs(kType == kQ6_K ? size_t(2 * a.nb * a.T) : 0);

@@ -5,7 +5,9 @@
 // A 16-row tile is four quarters of 4 rows; one 16-byte register holds a 4-byte group of each
 // row of a quarter. smull / smull2 against the broadcast activation group and pairwise adds
 // give one int32 lane per row. Q6_K's quants are made signed (q - 32) first: 8 products of at
-// most 32 * 127 per int16 lane cannot overflow, so a 16-column group sums in int16.
+// most 32 * 127 per int16 lane cannot overflow, so a 16-column group sums in int16. The scaled
+// dots of a super-block (and Q4_K's mins times the activation block sums) add up in int32, the
+// activations having one scale per super-block.
 //
 // With LLAMACPU_SIMDE this file is built a second time against SIMDe's emulation
 // (kquants_neon_emu.cpp), so its logic is tested on x86 too.
@@ -115,9 +117,8 @@ static inline void load_q6(const uint8_t* sub, int qq, int8x16_t* w) {
 }
 
 struct Q4KScales {
-    int32x4_t sc[8][4];  // [sub-block][quarter]
-    float32x4_t m[8][4];
-    float32x4_t d[4], neg_dmin[4];
+    int32x4_t sc[8][4], m[8][4];  // [sub-block][quarter]
+    float32x4_t d[4], dmin[4];
 };
 
 static inline void q4k_decode(const uint8_t* ts, Q4KScales* out) {
@@ -133,14 +134,12 @@ static inline void q4k_decode(const uint8_t* ts, Q4KScales* out) {
             sc = vorrq_u8(vandq_u8(row_bytes(j + 4), m15), vshlq_n_u8(vshrq_n_u8(row_bytes(j - 4), 6), 4));
             mn = vorrq_u8(vshrq_n_u8(row_bytes(j + 4), 4), vshlq_n_u8(vshrq_n_u8(row_bytes(j), 6), 4));
         }
-        int32x4_t mi[4];
         widen_u8(sc, out->sc[j]);
-        widen_u8(mn, mi);
-        for (int qq = 0; qq < 4; ++qq) out->m[j][qq] = vcvtq_f32_s32(mi[qq]);
+        widen_u8(mn, out->m[j]);
     }
     for (int qq = 0; qq < 4; ++qq) {
         out->d[qq] = load4_f16(ts + 8 * qq);
-        out->neg_dmin[qq] = vnegq_f32(load4_f16(ts + 32 + 8 * qq));
+        out->dmin[qq] = load4_f16(ts + 32 + 8 * qq);
     }
 }
 
@@ -157,26 +156,27 @@ static void q4k_tile(const uint8_t* quants, const Q4KScales* dec, int64_t nsb, i
         const uint8_t* tq = quants + (t * nsb + s) * kQ4KTileQuants;
         for (int qi = 0; qi < NQ; ++qi) {
             const int qq = q0 + qi;
-            float32x4_t sd[NT], sm[NT];
-            for (int i = 0; i < NT; ++i) sd[i] = sm[i] = vdupq_n_f32(0.0f);
+            int32x4_t isd[NT];
+            for (int i = 0; i < NT; ++i) isd[i] = vdupq_n_s32(0);
             for (int j = 0; j < 8; ++j) {
                 uint8x16_t qv[8];
                 load_nibbles(tq + 256 * j, qq, qv);
                 int8x16_t wv[8];
                 for (int g = 0; g < 8; ++g) wv[g] = vreinterpretq_s8_u8(qv[g]);
                 for (int i = 0; i < NT; ++i) {
-                    const int64_t tb = (tok0 + i) * a.nb + s * 8 + j;
                     const int8_t* x = a.q + (tok0 + i) * a.ldq + (s * 8 + j) * kBlock;
                     // Nibble products are at most 15 * 128: 16 of them fit an int16 lane.
-                    const int32x4_t dot = vmulq_s32(quarter_dot(wv, x, 0, 8), sc.sc[j][qq]);
-                    const float da = a.d[tb];
-                    sd[i] = vfmaq_f32(sd[i], vcvtq_f32_s32(dot), vdupq_n_f32(da));
-                    sm[i] = vfmaq_f32(sm[i], sc.m[j][qq], vdupq_n_f32(float(a.s[tb]) * da));
+                    isd[i] = vmlaq_s32(isd[i], quarter_dot(wv, x, 0, 8), sc.sc[j][qq]);
                 }
             }
             for (int i = 0; i < NT; ++i) {
-                acc[qi][i] = vfmaq_f32(acc[qi][i], sc.d[qq], sd[i]);
-                acc[qi][i] = vfmaq_f32(acc[qi][i], sc.neg_dmin[qq], sm[i]);
+                const int64_t tb = (tok0 + i) * a.nb + s * 8;
+                int32x4_t ism = vdupq_n_s32(0);
+                for (int j = 0; j < 8; ++j) ism = vmlaq_s32(ism, sc.m[j][qq], vdupq_n_s32(a.s[tb + j]));
+                const float32x4_t da = vdupq_n_f32(a.d[tb]);
+                // acc + (d * da) * float(isd) - (dmin * da) * float(ism), each step fused.
+                acc[qi][i] = vfmaq_f32(acc[qi][i], vmulq_f32(sc.d[qq], da), vcvtq_f32_s32(isd[i]));
+                acc[qi][i] = vfmaq_f32(acc[qi][i], vnegq_f32(vmulq_f32(sc.dmin[qq], da)), vcvtq_f32_s32(ism));
             }
         }
     }
@@ -207,20 +207,21 @@ static void q6k_tile(const uint8_t* quants, const Q6KScales* dec, int64_t nsb, i
         const auto& sc = dec[s].sc;
         for (int qi = 0; qi < NQ; ++qi) {
             const int qq = q0 + qi;
-            float32x4_t sd[NT];
-            for (int i = 0; i < NT; ++i) sd[i] = vdupq_n_f32(0.0f);
+            int32x4_t isd[NT];
+            for (int i = 0; i < NT; ++i) isd[i] = vdupq_n_s32(0);
             for (int j = 0; j < 8; ++j) {
                 int8x16_t wv[8];
                 load_q6(tq + 384 * j, qq, wv);
                 for (int i = 0; i < NT; ++i) {
-                    const int64_t tb = (tok0 + i) * a.nb + s * 8 + j;
                     const int8_t* x = a.q + (tok0 + i) * a.ldq + (s * 8 + j) * kBlock;
-                    const int32x4_t dot = vmlaq_s32(vmulq_s32(quarter_dot(wv, x, 0, 4), sc[2 * j][qq]),
-                                                    quarter_dot(wv, x, 4, 4), sc[2 * j + 1][qq]);
-                    sd[i] = vfmaq_f32(sd[i], vcvtq_f32_s32(dot), vdupq_n_f32(a.d[tb]));
+                    isd[i] = vmlaq_s32(vmlaq_s32(isd[i], quarter_dot(wv, x, 0, 4), sc[2 * j][qq]),
+                                       quarter_dot(wv, x, 4, 4), sc[2 * j + 1][qq]);
                 }
             }
-            for (int i = 0; i < NT; ++i) acc[qi][i] = vfmaq_f32(acc[qi][i], dec[s].d[qq], sd[i]);
+            for (int i = 0; i < NT; ++i) {
+                const float32x4_t dd = vmulq_f32(dec[s].d[qq], vdupq_n_f32(a.d[(tok0 + i) * a.nb + s * 8]));
+                acc[qi][i] = vfmaq_f32(acc[qi][i], dd, vcvtq_f32_s32(isd[i]));
+            }
         }
     }
     for (int qi = 0; qi < NQ; ++qi) {

@@ -26,11 +26,12 @@ static inline float fp16_at(const uint8_t* p, int i) {
     return fp16_to_fp32(h);
 }
 
-// Adds row r of tile-superblock (t, s) times one token's activations to acc.
+// Adds row r of tile-superblock (t, s) times one token's activations to acc. da: the
+// super-block's activation scale (one per super-block, kquants.h).
 static void q4k_superblock(const Tiles& w, int64_t t, int64_t s, int r, const ActQ8& a, int64_t tok, float& acc) {
     const uint8_t* tq = w.quants + (t * w.nsb + s) * kQ4KTileQuants;
     const uint8_t* ts = w.scales + (t * w.nsb + s) * kQ4KTileScales;
-    float sd = 0.0f, sm = 0.0f;
+    int32_t isd = 0, ism = 0;
     for (int j = 0; j < 8; ++j) {
         const int64_t b = s * 8 + j;
         const int8_t* x = a.q + tok * a.ldq + b * kBlock;
@@ -38,28 +39,26 @@ static void q4k_superblock(const Tiles& w, int64_t t, int64_t s, int r, const Ac
         for (int c = 0; c < kBlock; ++c) dot += k_nibble(tq + 256 * j, r, c) * x[c];
         int sc, m;
         q4k_scale_min(ts + 64, r, j, &sc, &m);
-        const float da = a.d[tok * a.nb + b];
-        sd += float(sc * dot) * da;
-        sm += float(m) * (float(a.s[tok * a.nb + b]) * da);
+        isd += sc * dot;
+        ism += m * a.s[tok * a.nb + b];
     }
-    acc = acc + fp16_at(ts, r) * sd;
-    acc = acc - fp16_at(ts, kTileRows + r) * sm;
+    const float da = a.d[tok * a.nb + s * 8];
+    acc = acc + (fp16_at(ts, r) * da) * float(isd);
+    acc = acc - (fp16_at(ts, kTileRows + r) * da) * float(ism);
 }
 
 static void q6k_superblock(const Tiles& w, int64_t t, int64_t s, int r, const ActQ8& a, int64_t tok, float& acc) {
     const uint8_t* tq = w.quants + (t * w.nsb + s) * kQ6KTileQuants;
     const uint8_t* ts = w.scales + (t * w.nsb + s) * kQ6KTileScales;
     const int8_t* sc = reinterpret_cast<const int8_t*>(ts + 32);
-    float sd = 0.0f;
+    int32_t isd = 0;
     for (int j = 0; j < 8; ++j) {
-        const int64_t b = s * 8 + j;
-        const int8_t* x = a.q + tok * a.ldq + b * kBlock;
+        const int8_t* x = a.q + tok * a.ldq + (s * 8 + j) * kBlock;
         int32_t dot[2] = {0, 0};
         for (int c = 0; c < kBlock; ++c) dot[c / 16] += (q6k_quant(tq + 384 * j, r, c) - 32) * x[c];
-        const int32_t idot = sc[16 * (2 * j) + r] * dot[0] + sc[16 * (2 * j + 1) + r] * dot[1];
-        sd += float(idot) * a.d[tok * a.nb + b];
+        isd += sc[16 * (2 * j) + r] * dot[0] + sc[16 * (2 * j + 1) + r] * dot[1];
     }
-    acc = acc + fp16_at(ts, r) * sd;
+    acc = acc + (fp16_at(ts, r) * a.d[tok * a.nb + s * 8]) * float(isd);
 }
 
 template <int32_t kType>

@@ -225,25 +225,25 @@ static inline void rmsnorm_avx2(const float* x, const float* w, int64_t n, float
 
 // Activation quantization, bit-identical to the scalar reference: same amax, same scale,
 // same product, and cvtps rounds half to even like nearbyint.
-static inline void quantize_row_q8_avx2(const float* x, int64_t k, int8_t* q, float* d, int32_t* s) {
+static inline void quantize_row_q8_avx2(const float* x, int64_t k, int64_t group, int8_t* q, float* d, int32_t* s) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
+    float amax = 0.0f;
     for (int64_t b = 0; b < k / kBlock; ++b) {
         const float* xb = x + b * kBlock;
-        __m256 v[4];
-        __m256 m = _mm256_setzero_ps();
-        for (int i = 0; i < 4; ++i) {
-            v[i] = _mm256_loadu_ps(xb + 8 * i);
-            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i]));
+        if (b * kBlock % group == 0) {
+            // max is exact, so any order of the lanes gives the scalar path's amax.
+            __m256 m = _mm256_setzero_ps();
+            for (int64_t i = 0; i < group; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + i)));
+            __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+            amax = _mm_cvtss_f32(m4);
         }
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-        const float amax = _mm_cvtss_f32(m4);
         const float id = act_inv_scale(amax);
         d[b] = amax / 127.0f;
         const __m256 vid = _mm256_set1_ps(id);
         __m256i i32[4];
-        for (int i = 0; i < 4; ++i) i32[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], vid));
+        for (int i = 0; i < 4; ++i) i32[i] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + 8 * i), vid));
         const __m256i sum32 = _mm256_add_epi32(_mm256_add_epi32(i32[0], i32[1]), _mm256_add_epi32(i32[2], i32[3]));
         __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum32), _mm256_extracti128_si256(sum32, 1));
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));

@@ -177,13 +177,14 @@ def weights_of(m: "_core.Matrix") -> np.ndarray:
     return np.stack([m.dequantize_row(r) for r in range(m.rows)]).astype(np.float64)
 
 
-def np_quantize_act(x: np.ndarray):
-    """Activation rows [T, K] -> int8 q, float32 d, int32 s per 32-block: d = amax/127,
-    q = round-half-even(x * (127/amax)) in float32, s = sum of q; a block whose 127/amax is
-    not finite (amax == 0 or tiny) is all zeros."""
+def np_quantize_act(x: np.ndarray, group: int = 32):
+    """Activation rows [T, K] -> int8 q, float32 d, int32 s per 32-block: per group of columns
+    (32, or 256 for the K-quants) d = amax/127 and q = round-half-even(x * (127/amax)) in
+    float32; d repeated per block, s = sum of q per block; a group whose 127/amax is not finite
+    (amax == 0 or tiny) is all zeros."""
     t, k = x.shape
     xb = x.reshape(t, k // 32, 32)
-    amax = np.abs(xb).max(-1)
+    amax = np.abs(x.reshape(t, k // group, group)).max(-1).repeat(group // 32, axis=-1)
     d = (amax / np.float32(127)).astype(np.float32)
     with np.errstate(divide="ignore", over="ignore"):
         inv = (np.float32(127) / amax).astype(np.float32)
@@ -478,6 +479,25 @@ def test_quantize_row_q8_bitwise(isa):
         np.testing.assert_array_equal(q, sq)
         np.testing.assert_array_equal(d, sd)
         np.testing.assert_array_equal(s, ss)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_quantize_row_q8_super_block_groups(isa):
+    """group=256 (the K-quants' activations): one amax per 256 columns, d repeated per block."""
+    rng = rng_for("actq256", isa)
+    x = (rng.standard_normal(256 * 3) * 10.0 ** rng.uniform(-3, 3, (24, 1)).repeat(32)).astype(np.float32)
+    x[256:512] = 0  # an all-zero super-block
+    x[512 + 40] = 1000.0  # one large value sets the whole super-block's scale
+    q, d, s = _core.Kernels(isa).quantize_row_q8(x, group=256)
+    wq, wd, ws = np_quantize_act(x[None], group=256)
+    np.testing.assert_array_equal(q, wq[0])
+    np.testing.assert_array_equal(d, wd[0])
+    np.testing.assert_array_equal(s, ws[0])
+    assert np.all(d[16:24] == np.float32(1000.0) / np.float32(127.0)) and q[512 + 40] == 127
+    assert np.all(q[256:512] == 0) and np.all(d[8:16] == 0)
+    assert len(set(d[:8].tolist())) == 1
+    with pytest.raises(ValueError, match="group"):
+        _core.Kernels(isa).quantize_row_q8(x[:288], group=256)
 
 
 # ---- element-wise kernels ----------------------------------------------------------------

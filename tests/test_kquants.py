@@ -2,11 +2,11 @@
 layout against its numpy packers, and GGUF Q4_K / Q6_K blocks carried into a model without loss.
 
 The kernels' arithmetic (csrc/kquants.h), per row and token and for each super-block s of 8
-sub-blocks j with activation scales da_j and sums s_j:
-    Q4_K: acc += d_s * sum_j float(sc_j * dot_j) * da_j  -  dmin_s * sum_j float(m_j) * (s_j * da_j)
-    Q6_K: acc += d_s * sum_j float(sc_2j * dot_2j + sc_2j+1 * dot_2j+1) * da_j
-Integer dots are exact, so the error comes from the float steps: one rounding per product and
-per sum, about 8 + 4 + 2 * n_superblocks of them along any path to the result. The bound
+sub-blocks j, with one activation scale da per super-block and block sums s_j:
+    Q4_K: acc += (d_s * da) * float(sum_j sc_j * dot_j)  -  (dmin_s * da) * float(sum_j m_j * s_j)
+    Q6_K: acc += (d_s * da) * float(sum_j sc_2j * dot_2j + sc_2j+1 * dot_2j+1)
+Integer sums are exact, so the error comes from the float steps: a few roundings per
+super-block term and one per sum along any path to the result. The bound
 (20 + 2 n_superblocks) u sum |term| (u = 2^-24, terms the separate scale and min products)
 covers every path; a wrong layout or scale is off by the order of a whole term.
 """
@@ -77,27 +77,28 @@ def tiles(dt: int, w: np.ndarray, method: str = "mse") -> np.ndarray:
 
 def reference(dt: int, f: dict, x: np.ndarray) -> tuple:
     """(exact result [T, rows], error bound) of the kernels' arithmetic in float64, from the
-    GGUF fields f and the activations as the kernels quantize them."""
-    q, da, s = np_quantize_act(x)
+    GGUF fields f and the activations as the kernels quantize them (one scale per 256)."""
+    q, da, s = np_quantize_act(x, group=256)
     n, k = f["q"].shape
     nsb, t = k // 256, x.shape[0]
     d = f["d"].view(np.float16).astype(np.float64)  # [n, nsb]
     qa = q.reshape(t, nsb, 8, 32).astype(np.int64)
     da = da.reshape(t, nsb, 8).astype(np.float64)
+    assert np.all(da == da[..., :1])
+    da = da[:, None, :, 0]  # [t, 1, nsb]
     if dt == _core.Q4_K:
         sc, mn = q4k_scales_mins(f["scales"])  # [n, nsb, 8]
         dot = np.einsum("nsjc,tsjc->tnsj", f["q"].reshape(n, nsb, 8, 32).astype(np.int64), qa)
-        scale = sc[None] * dot * da[:, None] * d[None, :, :, None]
+        scale = (sc[None] * dot).sum(-1) * da * d[None]
         dmin = f["dmin"].view(np.float16).astype(np.float64)
-        sa = (s.reshape(t, nsb, 8) * da)[:, None]  # [t, 1, nsb, 8]
-        mins = mn[None] * sa * dmin[None, :, :, None]
-        exact = scale.sum((2, 3)) - mins.sum((2, 3))
-        magnitude = np.abs(scale).sum((2, 3)) + np.abs(mins).sum((2, 3))
+        mins = (mn[None] * s.reshape(t, 1, nsb, 8)).sum(-1) * da * dmin[None]
+        exact = scale.sum(2) - mins.sum(2)
+        magnitude = np.abs(scale).sum(2) + np.abs(mins).sum(2)
     else:
         w = f["q"].reshape(n, nsb, 16, 16).astype(np.int64) - 32
         dot = np.einsum("nsgc,tsgc->tnsg", w, qa.reshape(t, nsb, 16, 16))
-        terms = (f["scales"][None].astype(np.int64) * dot).reshape(t, n, nsb, 8, 2).sum(-1) * da[:, None] * d[None, :, :, None]
-        exact, magnitude = terms.sum((2, 3)), np.abs(terms).sum((2, 3))
+        terms = (f["scales"][None].astype(np.int64) * dot).sum(-1) * da * d[None]
+        exact, magnitude = terms.sum(2), np.abs(terms).sum(2)
     return exact, (20 + 2 * nsb) * U * magnitude
 
 

@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <string>
@@ -181,13 +182,14 @@ struct Acts {
     ActQ8 view;
 };
 
-// T rows of k activations, quantized by the scalar path (both tables get the same input).
-Acts quantized_acts(int64_t T, int64_t k) {
+// T rows of k activations, quantized by the scalar path (both tables get the same input), one
+// scale per group columns (32; the K-quant kernels take kSuperBlock).
+Acts quantized_acts(int64_t T, int64_t k, int64_t group = kBlock) {
     const int64_t nb = k / kBlock;
     Acts a{std::vector<int8_t>(T * k), std::vector<float>(T * nb), std::vector<int32_t>(T * nb), {}};
     const std::vector<float> x = randn(T * k, 3.0f);
     for (int64_t t = 0; t < T; ++t)
-        ref.quantize_row_q8(x.data() + t * k, k, a.q.data() + t * k, a.d.data() + t * nb, a.s.data() + t * nb);
+        ref.quantize_row_q8(x.data() + t * k, k, group, a.q.data() + t * k, a.d.data() + t * nb, a.s.data() + t * nb);
     a.view = ActQ8{a.q.data(), a.d.data(), a.s.data(), k, nb, T};
     return a;
 }
@@ -349,42 +351,39 @@ KMatrix kmatrix_raw(int32_t type, int64_t rows, int64_t k) {
     return m;
 }
 
-// The per-row arithmetic of kquants.h with every multiply-add fused, as the SIMD paths do.
+// The per-row arithmetic of kquants.h with every multiply-add fused, as the SIMD paths do:
+// exact integer sums per super-block, then one fma per sum with (d * da).
 float fused_row_k(const KMatrix& m, const Acts& a, int64_t n, int64_t tok, double* magnitude) {
     float acc = 0.0f;
     *magnitude = 0.0;
     for (int64_t s = 0; s < m.nsb(); ++s) {
-        float sd = 0.0f, sm = 0.0f;
-        double mag_d = 0.0, mag_m = 0.0;
+        int64_t isd = 0, ism = 0;
         for (int j = 0; j < 8; ++j) {
             const int64_t b = s * 8 + j;
             const int8_t* x = a.q.data() + tok * a.view.ldq + b * kBlock;
-            const float da = a.d[tok * a.view.nb + b];
             if (m.type == kQ4_K) {
                 int32_t dot = 0;
                 for (int c = 0; c < kBlock; ++c) dot += m.quant(n, s, 32 * j + c) * x[c];
                 int sc, mn;
                 m.scale_min(n, s, j, &sc, &mn);
-                const float sa = float(a.s[tok * a.view.nb + b]) * da;
-                sd = std::fma(float(sc * dot), da, sd);
-                sm = std::fma(float(mn), sa, sm);
-                mag_d += std::fabs(double(sc * dot) * da);
-                mag_m += std::fabs(double(mn) * sa);
+                isd += int64_t(sc) * dot;
+                ism += int64_t(mn) * a.s[tok * a.view.nb + b];
             } else {
                 int32_t dot[2] = {0, 0};
                 for (int c = 0; c < kBlock; ++c) dot[c / 16] += (m.quant(n, s, 32 * j + c) - 32) * x[c];
-                const int32_t idot = m.q6_scale(n, s, 2 * j) * dot[0] + m.q6_scale(n, s, 2 * j + 1) * dot[1];
-                sd = std::fma(float(idot), da, sd);
-                mag_d += std::fabs(double(idot) * da);
+                isd += int64_t(m.q6_scale(n, s, 2 * j)) * dot[0] + int64_t(m.q6_scale(n, s, 2 * j + 1)) * dot[1];
             }
         }
-        const float d = m.fp16(n, s, 0);
-        acc = std::fma(d, sd, acc);
-        *magnitude += std::fabs(double(d)) * mag_d;
+        // The kquants.h bounds: both sums fit int32 whatever the bytes.
+        if (isd != int32_t(isd) || ism != int32_t(ism)) std::abort();
+        const float da = a.d[tok * a.view.nb + s * 8];
+        const float dd = m.fp16(n, s, 0) * da;
+        acc = std::fma(dd, float(int32_t(isd)), acc);
+        *magnitude += std::fabs(double(dd) * double(isd));
         if (m.type == kQ4_K) {
-            const float dmin = m.fp16(n, s, 1);
-            acc = std::fma(-dmin, sm, acc);
-            *magnitude += std::fabs(double(dmin)) * mag_m;
+            const float dm = m.fp16(n, s, 1) * da;
+            acc = std::fma(-dm, float(int32_t(ism)), acc);
+            *magnitude += std::fabs(double(dm) * double(ism));
         }
     }
     return acc;
@@ -392,8 +391,9 @@ float fused_row_k(const KMatrix& m, const Acts& a, int64_t n, int64_t tok, doubl
 
 void check_matmul_k_case(Result& res, MatmulQ got_fn, MatmulQ want_fn, const KMatrix& m, const Acts& a,
                          int64_t tile0, int64_t tile1, bool accumulate) {
-    // Terms the scalar path rounds: two per sub-block (one for Q6_K), two per super-block.
-    const int64_t terms = (m.type == kQ4_K ? 2 : 1) * (m.k / kBlock) + 2 * m.nsb();
+    // Terms the scalar path rounds: per super-block the scale products, the int-to-float
+    // conversions and the sums.
+    const int64_t terms = (m.type == kQ4_K ? 6 : 3) * m.nsb();
     check_tiles_case(res, got_fn, want_fn, m, a, tile0, tile1, accumulate, fused_row_k, terms);
 }
 
@@ -407,7 +407,7 @@ Result check_matmul_k(int32_t type) {
                 const KMatrix m = raw ? kmatrix_raw(type, rows, k) : kmatrix_from_floats(type, rows, k);
                 const int64_t nt = n_tiles(rows);
                 for (int64_t T : {1, 2, 3, 4, 5, 9}) {
-                    const Acts a = quantized_acts(T, k);
+                    const Acts a = quantized_acts(T, k, kSuperBlock);
                     for (int accumulate = 0; accumulate < 2; ++accumulate) {
                         check_matmul_k_case(res, got_fn, want_fn, m, a, 0, nt, accumulate);
                         if (nt > 1) check_matmul_k_case(res, got_fn, want_fn, m, a, 1, nt, accumulate);
@@ -513,17 +513,21 @@ std::vector<float> quantize_probe_row(int64_t k) {
 
 Result check_quantize_row_q8() {
     Result res{"quantize_row_q8", "bitwise vs scalar"};
-    for (int64_t k : {32, 64, 96, 192, 320}) {
+    for (int64_t k : {32, 64, 96, 192, 320, 256, 768}) {
+      for (int64_t group : {kBlock, kSuperBlock}) {
+        if (k % group) continue;
         for (int rep = 0; rep < 8; ++rep) {
             const std::vector<float> x = rep < 4 ? quantize_probe_row(k) : randn(k, rep);
             const int64_t nb = k / kBlock;
             std::vector<int8_t> gq(k), wq(k);
             std::vector<float> gd(nb), wd(nb);
             std::vector<int32_t> gs(nb), ws(nb);
-            simd.quantize_row_q8(x.data(), k, gq.data(), gd.data(), gs.data());
-            ref.quantize_row_q8(x.data(), k, wq.data(), wd.data(), ws.data());
+            simd.quantize_row_q8(x.data(), k, group, gq.data(), gd.data(), gs.data());
+            ref.quantize_row_q8(x.data(), k, group, wq.data(), wd.data(), ws.data());
             auto where = [&](const char* what, int64_t i) {
-                return [=] { return fmt("k %lld rep %d: %s[%lld]", (long long)k, rep, what, (long long)i); };
+                return [=] {
+                    return fmt("k %lld group %lld rep %d: %s[%lld]", (long long)k, (long long)group, rep, what, (long long)i);
+                };
             };
             for (int64_t i = 0; i < k; ++i) res.same_bits(uint8_t(gq[i]), uint8_t(wq[i]), where("q", i));
             for (int64_t b = 0; b < nb; ++b) {
@@ -531,6 +535,7 @@ Result check_quantize_row_q8() {
                 res.same_bits(uint32_t(gs[b]), uint32_t(ws[b]), where("s", b));
             }
         }
+      }
     }
     return res;
 }
