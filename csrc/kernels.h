@@ -65,7 +65,8 @@ struct KernelTable {
     void (*f16_to_f32)(const uint16_t* x, float* y, int64_t n);
     void (*f32_to_f16)(const float* x, uint16_t* y, int64_t n);
 
-    // Q4_K / Q6_K tiled matrices (kquants.h), the contract of matmul_q4_0; the kernels live in
+    // Q4_K / Q6_K tiled matrices (kquants.h), the contract of matmul_q4_0 with activations
+    // quantized per super-block (quantize_row_q8 with group kSuperBlock); the kernels live in
     // kquants_*.cpp and compute the per-row arithmetic kquants.h defines.
     void (*matmul_q4_k)(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, int64_t tile1,
                         const ActQ8& a, float* out, int64_t ldo, bool accumulate);
