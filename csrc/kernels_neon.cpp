@@ -163,7 +163,7 @@ static void softmax(float* x, int64_t n) {
 // Activation quantization, bit-identical to the scalar reference: the same amax, scale and
 // product, and fcvtns rounds half to even like nearbyint.
 static void quantize_row_q8(const float* x, int64_t k, int64_t group, int8_t* q, float* d, int32_t* s) {
-    float amax = 0.0f;
+    float db = 0.0f, id = 0.0f;  // the current group's scale and its inverse
     for (int64_t b = 0; b < k / kBlock; ++b) {
         const float* xb = x + b * kBlock;
         float32x4_t v[8];
@@ -171,10 +171,11 @@ static void quantize_row_q8(const float* x, int64_t k, int64_t group, int8_t* q,
         if (b * kBlock % group == 0) {  // max is exact: any order gives the scalar amax
             float32x4_t m = vdupq_n_f32(0.0f);
             for (int64_t i = 0; i < group; i += 4) m = vmaxq_f32(m, vabsq_f32(vld1q_f32(xb + i)));
-            amax = vmaxvq_f32(m);
+            const float amax = vmaxvq_f32(m);
+            db = amax / 127.0f;
+            id = act_inv_scale(amax);
         }
-        const float id = act_inv_scale(amax);
-        d[b] = amax / 127.0f;
+        d[b] = db;
         const float32x4_t vid = vdupq_n_f32(id);
         int32x4_t sum = vdupq_n_s32(0);
         int16x4_t q16[8];

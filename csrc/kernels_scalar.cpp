@@ -102,15 +102,15 @@ static void matmul_f32(const float* w, int64_t k, int64_t row0, int64_t row1, co
 }
 
 static void quantize_row_q8(const float* x, int64_t k, int64_t group, int8_t* q, float* d, int32_t* s) {
-    float amax = 0.0f;
+    float db = 0.0f, id = 0.0f;  // the current group's scale and its inverse
     for (int64_t b = 0; b < k / kBlock; ++b) {
         const float* xb = x + b * kBlock;
         if (b * kBlock % group == 0) {
-            amax = 0.0f;
+            float amax = 0.0f;
             for (int64_t i = 0; i < group; ++i) amax = std::fmax(amax, std::fabs(xb[i]));
+            db = amax / 127.0f;
+            id = act_inv_scale(amax);
         }
-        const float db = amax / 127.0f;
-        const float id = act_inv_scale(amax);
         int32_t sum = 0;
         for (int i = 0; i < kBlock; ++i) {
             // nearbyint: round half to even, as the SIMD conversions do. NaN or Inf in the

@@ -89,11 +89,15 @@ static inline __m256i q4k_min_pairs(const Q4KRowBytes& rb, int p, int h) {
     return _mm256_shuffle_epi8(bcast16(rb.m[2 * p] + 16 * h), idx);
 }
 
-// The activation block sums of super-block sb of one token as int16 pairs (s_2p, s_2p+1), one
-// int32 per pair p: the second operand of the min term's pmaddwd. |s| <= 32 * 127 fits int16.
-static inline void q4k_sum_pairs(const ActQ8& a, int64_t tok, int64_t sb, int32_t* out) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.s + tok * a.nb + 8 * sb));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
+// One token's activation block sums (nb of them, nb % 8 == 0) as int16 pairs (s_2p, s_2p+1),
+// one int32 per pair: the second operand of the min term's pmaddwd, four per super-block.
+// |s| <= 32 * 127 fits int16. Computed once per call.
+static void q4k_row_sum_pairs(const int32_t* sums, int64_t nb, int32_t* pairs) {
+    for (int64_t b = 0; b < nb; b += 8) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sums + b));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(pairs + b / 2),
+                         _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
+    }
 }
 
 // acc + (d * da) * float(isd) - (dmin * da) * float(ism): the end of a Q4_K super-block.
@@ -104,8 +108,9 @@ static inline __m256 q4k_finish(__m256 acc, __m256 d, __m256 dmin, __m256 da, __
 
 // One token, both halves: one pass over the tile's bytes, each activation group broadcast
 // once for the 16 rows.
+// pairs: q4k_row_sum_pairs of the token.
 static void q4k_tile_gemv(const uint8_t* quants, const uint8_t* scales, int64_t nsb, int64_t t, const ActQ8& a,
-                          float* out, int64_t n_rows, bool accumulate) {
+                          const int32_t* pairs, float* out, int64_t n_rows, bool accumulate) {
     // Row r's lane gets bytes (r, zero, r, zero); -1 selects zero.
     const __m256i pair_idx = _mm256_setr_epi8(0, -1, 0, -1, 1, -1, 1, -1, 2, -1, 2, -1, 3, -1, 3, -1,
                                               4, -1, 4, -1, 5, -1, 5, -1, 6, -1, 6, -1, 7, -1, 7, -1);
@@ -129,11 +134,9 @@ static void q4k_tile_gemv(const uint8_t* quants, const uint8_t* scales, int64_t 
             isd0 = _mm256_add_epi32(isd0, _mm256_madd_epi16(s0, _mm256_shuffle_epi8(sc, pair_idx)));
             isd1 = _mm256_add_epi32(isd1, _mm256_madd_epi16(s1, _mm256_shuffle_epi8(sc, pair_idx_hi)));
         }
-        alignas(16) int32_t sp[4];
-        q4k_sum_pairs(a, 0, s, sp);
         __m256i ism0 = _mm256_setzero_si256(), ism1 = _mm256_setzero_si256();
         for (int p = 0; p < 4; ++p) {
-            const __m256i sums = _mm256_set1_epi32(sp[p]);
+            const __m256i sums = _mm256_set1_epi32(pairs[4 * s + p]);
             ism0 = _mm256_add_epi32(ism0, _mm256_madd_epi16(q4k_min_pairs(rb, p, 0), sums));
             ism1 = _mm256_add_epi32(ism1, _mm256_madd_epi16(q4k_min_pairs(rb, p, 1), sums));
         }
@@ -167,15 +170,14 @@ static inline void q4k_decode(const uint8_t* ts, Q4KHalf* out) {
 }
 
 // NT tokens from tok0, the halves of a tile with rows (nh of them): each weight vector is
-// unpacked once for all NT tokens. dec: the tile's decoded scales, [super-block][half]. Per
-// (row, token) the arithmetic is the gemv path's, so the batch size never changes a result.
+// unpacked once for all NT tokens. dec: the tile's decoded scales, [super-block][half];
+// pairs: q4k_row_sum_pairs of every token (a.nb / 2 per token). Per (row, token) the
+// arithmetic is the gemv path's, so the batch size never changes a result.
 template <int NT>
-static void q4k_tokens(const uint8_t* tq, const Q4KHalf* dec, int64_t nsb, const ActQ8& a, int64_t tok0, int nh,
-                       __m256 (*acc)[NT]) {
+static void q4k_tokens(const uint8_t* tq, const Q4KHalf* dec, int64_t nsb, const ActQ8& a, const int32_t* pairs,
+                       int64_t tok0, int nh, __m256 (*acc)[NT]) {
     const __m256i m4 = _mm256_set1_epi8(0x0f);
     for (int64_t s = 0; s < nsb; ++s) {
-        alignas(16) int32_t sp[NT][4];
-        for (int i = 0; i < NT; ++i) q4k_sum_pairs(a, tok0 + i, s, sp[i]);
         const uint8_t* sq = tq + s * kQ4KTileQuants;
         for (int h = 0; h < nh; ++h) {
             const Q4KHalf& hs = dec[2 * s + h];
@@ -200,7 +202,8 @@ static void q4k_tokens(const uint8_t* tq, const Q4KHalf* dec, int64_t nsb, const
             }
             for (int i = 0; i < NT; ++i) {
                 __m256i ism = _mm256_setzero_si256();
-                for (int p = 0; p < 4; ++p) ism = _mm256_add_epi32(ism, _mm256_madd_epi16(hs.m[p], _mm256_set1_epi32(sp[i][p])));
+                const int32_t* sp = pairs + (tok0 + i) * (a.nb / 2) + 4 * s;
+                for (int p = 0; p < 4; ++p) ism = _mm256_add_epi32(ism, _mm256_madd_epi16(hs.m[p], _mm256_set1_epi32(sp[p])));
                 const __m256 da = _mm256_set1_ps(a.d[(tok0 + i) * a.nb + s * 8]);
                 acc[h][i] = q4k_finish(acc[h][i], hs.d, hs.dmin, da, isd[i], ism);
             }
@@ -362,7 +365,7 @@ static void q6k_tokens(const uint8_t* tq, const Q6KHalf* dec, int64_t nsb, const
                         sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(q[2], bcast4(x + 8)));
                         sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(q[3], bcast4(x + 12)));
                         dot[i] = _mm256_add_epi32(dot[i], _mm256_madd_epi16(sum, t ? hs.hi[j] : hs.lo[j]));
-                        __asm__("" : "+x"(dot[i]));  // a running sum per token (see q4k_tile_gemv)
+                        __asm__("" : "+x"(dot[i]));  // a running sum per token (see q4_tile_nibble_sums)
                     }
                 }
             }
@@ -376,9 +379,10 @@ static void q6k_tokens(const uint8_t* tq, const Q6KHalf* dec, int64_t nsb, const
 
 // ---- dispatch ------------------------------------------------------------------------------
 
-// NT tokens from tok0 against tile t, the tile's scales already decoded into dec.
+// NT tokens from tok0 against tile t, the tile's scales already decoded into dec; acts: the
+// call's activation table (matmul).
 template <int32_t kType, int NT, typename Half>
-static inline void tile_tokens(const uint8_t* w, const Half* dec, const int32_t* offs, int64_t nsb, int64_t t,
+static inline void tile_tokens(const uint8_t* w, const Half* dec, const int32_t* acts, int64_t nsb, int64_t t,
                                const ActQ8& a, int64_t tok0, float* out, int64_t ldo, int64_t n_rows, bool accumulate) {
     const int64_t n0 = t * kTileRows;
     const int nh = n_rows - n0 > 8 ? 2 : 1;
@@ -386,8 +390,8 @@ static inline void tile_tokens(const uint8_t* w, const Half* dec, const int32_t*
     for (int h = 0; h < 2; ++h)
         for (int i = 0; i < NT; ++i) acc[h][i] = _mm256_setzero_ps();
     const uint8_t* tq = w + t * nsb * k_tile_quant_bytes(kType);
-    if constexpr (kType == kQ4_K) q4k_tokens<NT>(tq, dec, nsb, a, tok0, nh, acc);
-    else q6k_tokens<NT>(tq, dec, nsb, a, offs, tok0, nh, acc);
+    if constexpr (kType == kQ4_K) q4k_tokens<NT>(tq, dec, nsb, a, acts, tok0, nh, acc);
+    else q6k_tokens<NT>(tq, dec, nsb, a, acts, tok0, nh, acc);
     for (int h = 0; h < nh; ++h)
         for (int i = 0; i < NT; ++i)
             store_rows8(out + (tok0 + i) * ldo + n0 + 8 * h, acc[h][i], n_rows - n0 - 8 * h, accumulate);
@@ -401,15 +405,19 @@ static void matmul(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, i
     const uint8_t* scales = w + n_tiles(n_rows) * nsb * k_tile_quant_bytes(kType);
     std::vector<Half> dec;  // a tile's decoded scales, for the batched path
     if (a.T > 1) dec.resize(size_t(2 * nsb));
-    std::vector<int32_t> offs;  // Q6_K: every token's group offsets, computed once per call
-    if (kType == kQ6_K) {
-        offs.resize(size_t(2 * a.nb * a.T));
-        for (int64_t i = 0; i < a.T; ++i) q6_row_offsets(a.q + i * a.ldq, a.nb, offs.data() + 2 * a.nb * i);
+    // What the tiles need of every token's activations besides q and d, computed once per call:
+    // Q4_K the block sums as int16 pairs, Q6_K each 16-column group's start.
+    const int64_t per_token = kType == kQ4_K ? a.nb / 2 : 2 * a.nb;
+    std::vector<int32_t> acts(size_t(per_token * a.T));
+    for (int64_t i = 0; i < a.T; ++i) {
+        int32_t* row = acts.data() + per_token * i;
+        if constexpr (kType == kQ4_K) q4k_row_sum_pairs(a.s + i * a.nb, a.nb, row);
+        else q6_row_offsets(a.q + i * a.ldq, a.nb, row);
     }
     for (int64_t t = tile0; t < tile1; ++t) {
         if (a.T == 1) {
-            if constexpr (kType == kQ4_K) q4k_tile_gemv(w, scales, nsb, t, a, out, n_rows, accumulate);
-            else q6k_tile_gemv(w, scales, nsb, t, a, offs.data(), out, n_rows, accumulate);
+            if constexpr (kType == kQ4_K) q4k_tile_gemv(w, scales, nsb, t, a, acts.data(), out, n_rows, accumulate);
+            else q6k_tile_gemv(w, scales, nsb, t, a, acts.data(), out, n_rows, accumulate);
             continue;
         }
         for (int64_t s = 0; s < nsb; ++s) {
@@ -418,8 +426,8 @@ static void matmul(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, i
             else q6k_decode(ts, &dec[size_t(2 * s)]);
         }
         int64_t tok = 0;
-        for (; tok + 4 <= a.T; tok += 4) tile_tokens<kType, 4>(w, dec.data(), offs.data(), nsb, t, a, tok, out, ldo, n_rows, accumulate);
-        for (; tok < a.T; ++tok) tile_tokens<kType, 1>(w, dec.data(), offs.data(), nsb, t, a, tok, out, ldo, n_rows, accumulate);
+        for (; tok + 4 <= a.T; tok += 4) tile_tokens<kType, 4>(w, dec.data(), acts.data(), nsb, t, a, tok, out, ldo, n_rows, accumulate);
+        for (; tok < a.T; ++tok) tile_tokens<kType, 1>(w, dec.data(), acts.data(), nsb, t, a, tok, out, ldo, n_rows, accumulate);
     }
 }
 

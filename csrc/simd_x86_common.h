@@ -227,7 +227,7 @@ static inline void rmsnorm_avx2(const float* x, const float* w, int64_t n, float
 // same product, and cvtps rounds half to even like nearbyint.
 static inline void quantize_row_q8_avx2(const float* x, int64_t k, int64_t group, int8_t* q, float* d, int32_t* s) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
-    float amax = 0.0f;
+    float db = 0.0f, id = 0.0f;  // the current group's scale and its inverse
     for (int64_t b = 0; b < k / kBlock; ++b) {
         const float* xb = x + b * kBlock;
         if (b * kBlock % group == 0) {
@@ -237,10 +237,11 @@ static inline void quantize_row_q8_avx2(const float* x, int64_t k, int64_t group
             __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
             m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
             m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-            amax = _mm_cvtss_f32(m4);
+            const float amax = _mm_cvtss_f32(m4);
+            db = amax / 127.0f;
+            id = act_inv_scale(amax);
         }
-        const float id = act_inv_scale(amax);
-        d[b] = amax / 127.0f;
+        d[b] = db;
         const __m256 vid = _mm256_set1_ps(id);
         __m256i i32[4];
         for (int i = 0; i < 4; ++i) i32[i] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + 8 * i), vid));
