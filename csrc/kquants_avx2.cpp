@@ -89,10 +89,10 @@ static inline __m256i q4k_min_pairs(const Q4KRowBytes& rb, int p, int h) {
     return _mm256_shuffle_epi8(bcast16(rb.m[2 * p] + 16 * h), idx);
 }
 
-// One token's activation block sums (nb of them, nb % 8 == 0) as int16 pairs (s_2p, s_2p+1),
-// one int32 per pair: the second operand of the min term's pmaddwd, four per super-block.
-// |s| <= 32 * 127 fits int16. Computed once per call.
-static void q4k_row_sum_pairs(const int32_t* sums, int64_t nb, int32_t* pairs) {
+// Activation block sums (nb of them, nb % 8 == 0) as int16 pairs (s_2p, s_2p+1), one int32
+// per pair: the second operand of the min term's pmaddwd, four per super-block. |s| <= 32 *
+// 127 fits int16.
+static inline void q4k_row_sum_pairs(const int32_t* sums, int64_t nb, int32_t* pairs) {
     for (int64_t b = 0; b < nb; b += 8) {
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sums + b));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(pairs + b / 2),
@@ -106,47 +106,63 @@ static inline __m256 q4k_finish(__m256 acc, __m256 d, __m256 dmin, __m256 da, __
     return _mm256_fnmadd_ps(_mm256_mul_ps(dmin, da), _mm256_cvtepi32_ps(ism), acc);
 }
 
-// One token, both halves: one pass over the tile's bytes, each activation group broadcast
-// once for the 16 rows.
+// One token, NTL tiles (1 or 2) from tile t, both halves of each: one pass over their bytes,
+// each activation group broadcast once for all 16 * NTL rows.
 // pairs: q4k_row_sum_pairs of the token.
-static void q4k_tile_gemv(const uint8_t* quants, const uint8_t* scales, int64_t nsb, int64_t t, const ActQ8& a,
-                          const int32_t* pairs, float* out, int64_t n_rows, bool accumulate) {
+template <int NTL>
+static void q4k_tiles_gemv(const uint8_t* quants, const uint8_t* scales, int64_t nsb, int64_t t, const ActQ8& a,
+                           const int32_t* pairs, float* out, int64_t n_rows, bool accumulate) {
     // Row r's lane gets bytes (r, zero, r, zero); -1 selects zero.
     const __m256i pair_idx = _mm256_setr_epi8(0, -1, 0, -1, 1, -1, 1, -1, 2, -1, 2, -1, 3, -1, 3, -1,
                                               4, -1, 4, -1, 5, -1, 5, -1, 6, -1, 6, -1, 7, -1, 7, -1);
     const __m256i pair_idx_hi = _mm256_setr_epi8(8, -1, 8, -1, 9, -1, 9, -1, 10, -1, 10, -1, 11, -1, 11, -1,
                                                  12, -1, 12, -1, 13, -1, 13, -1, 14, -1, 14, -1, 15, -1, 15, -1);
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    Q4KRowBytes rb;
+    __m256 acc[NTL][2];
+    for (int u = 0; u < NTL; ++u) acc[u][0] = acc[u][1] = _mm256_setzero_ps();
+    Q4KRowBytes rb[NTL];
     for (int64_t s = 0; s < nsb; ++s) {
-        const uint8_t* ts = scales + (t * nsb + s) * kQ4KTileScales;
-        const uint8_t* tq = quants + (t * nsb + s) * kQ4KTileQuants;
-        q4k_unpack_scales(ts + 64, &rb);
-        __m256i isd0 = _mm256_setzero_si256(), isd1 = _mm256_setzero_si256();
+        const uint8_t* ts[NTL];
+        const uint8_t* tq[NTL];
+        for (int u = 0; u < NTL; ++u) {
+            ts[u] = scales + ((t + u) * nsb + s) * kQ4KTileScales;
+            tq[u] = quants + ((t + u) * nsb + s) * kQ4KTileQuants;
+            q4k_unpack_scales(ts[u] + 64, &rb[u]);
+        }
+        __m256i isd[NTL][2];
+        for (int u = 0; u < NTL; ++u) isd[u][0] = isd[u][1] = _mm256_setzero_si256();
         for (int j = 0; j < 8; ++j) {
             const int8_t* x = a.q + (s * 8 + j) * kBlock;
-            const uint8_t* sub = tq + 256 * j;
-            prefetch_ahead(sub, 256);
-            __m256i s0, s1;
-            q4_tile_nibble_sums(sub, x, &s0, &s1);
-            // (sc, sc) pairs of rows 0-7 and 8-15: two in-lane shuffles of the 16 rows' bytes.
-            const __m256i sc = bcast16(rb.sc[j]);
-            isd0 = _mm256_add_epi32(isd0, _mm256_madd_epi16(s0, _mm256_shuffle_epi8(sc, pair_idx)));
-            isd1 = _mm256_add_epi32(isd1, _mm256_madd_epi16(s1, _mm256_shuffle_epi8(sc, pair_idx_hi)));
-        }
-        __m256i ism0 = _mm256_setzero_si256(), ism1 = _mm256_setzero_si256();
-        for (int p = 0; p < 4; ++p) {
-            const __m256i sums = _mm256_set1_epi32(pairs[4 * s + p]);
-            ism0 = _mm256_add_epi32(ism0, _mm256_madd_epi16(q4k_min_pairs(rb, p, 0), sums));
-            ism1 = _mm256_add_epi32(ism1, _mm256_madd_epi16(q4k_min_pairs(rb, p, 1), sums));
+            const uint8_t* q[NTL];
+            for (int u = 0; u < NTL; ++u) {
+                q[u] = tq[u] + 256 * j;
+                prefetch_ahead(q[u], 256);
+            }
+            __m256i sum[NTL][2];
+            q4_tiles_nibble_sums<NTL>(q, x, sum);
+            for (int u = 0; u < NTL; ++u) {
+                // (sc, sc) pairs of rows 0-7 and 8-15: two in-lane shuffles of the 16 rows' bytes.
+                const __m256i sc = bcast16(rb[u].sc[j]);
+                isd[u][0] = _mm256_add_epi32(isd[u][0], _mm256_madd_epi16(sum[u][0], _mm256_shuffle_epi8(sc, pair_idx)));
+                isd[u][1] = _mm256_add_epi32(isd[u][1], _mm256_madd_epi16(sum[u][1], _mm256_shuffle_epi8(sc, pair_idx_hi)));
+            }
         }
         const __m256 da = _mm256_set1_ps(a.d[s * 8]);
-        acc0 = q4k_finish(acc0, load8_f16(ts), load8_f16(ts + 32), da, isd0, ism0);
-        acc1 = q4k_finish(acc1, load8_f16(ts + 16), load8_f16(ts + 48), da, isd1, ism1);
+        for (int u = 0; u < NTL; ++u) {
+            __m256i ism0 = _mm256_setzero_si256(), ism1 = _mm256_setzero_si256();
+            for (int p = 0; p < 4; ++p) {
+                const __m256i sums = _mm256_set1_epi32(pairs[4 * s + p]);
+                ism0 = _mm256_add_epi32(ism0, _mm256_madd_epi16(q4k_min_pairs(rb[u], p, 0), sums));
+                ism1 = _mm256_add_epi32(ism1, _mm256_madd_epi16(q4k_min_pairs(rb[u], p, 1), sums));
+            }
+            acc[u][0] = q4k_finish(acc[u][0], load8_f16(ts[u]), load8_f16(ts[u] + 32), da, isd[u][0], ism0);
+            acc[u][1] = q4k_finish(acc[u][1], load8_f16(ts[u] + 16), load8_f16(ts[u] + 48), da, isd[u][1], ism1);
+        }
     }
-    const int64_t n0 = t * kTileRows;
-    store_rows8(out + n0, acc0, n_rows - n0, accumulate);
-    store_rows8(out + n0 + 8, acc1, n_rows - n0 - 8, accumulate);
+    for (int u = 0; u < NTL; ++u) {
+        const int64_t n0 = (t + u) * kTileRows;
+        store_rows8(out + n0, acc[u][0], n_rows - n0, accumulate);
+        store_rows8(out + n0 + 8, acc[u][1], n_rows - n0 - 8, accumulate);
+    }
 }
 
 // The decoded scales of one half (8 rows) of a tile-superblock, for the batched path: decoded
@@ -170,14 +186,15 @@ static inline void q4k_decode(const uint8_t* ts, Q4KHalf* out) {
 }
 
 // NT tokens from tok0, the halves of a tile with rows (nh of them): each weight vector is
-// unpacked once for all NT tokens. dec: the tile's decoded scales, [super-block][half];
-// pairs: q4k_row_sum_pairs of every token (a.nb / 2 per token). Per (row, token) the
-// arithmetic is the gemv path's, so the batch size never changes a result.
+// unpacked once for all NT tokens. dec: the tile's decoded scales, [super-block][half]. Per
+// (row, token) the arithmetic is the gemv path's, so the batch size never changes a result.
 template <int NT>
-static void q4k_tokens(const uint8_t* tq, const Q4KHalf* dec, int64_t nsb, const ActQ8& a, const int32_t* pairs,
-                       int64_t tok0, int nh, __m256 (*acc)[NT]) {
+static void q4k_tokens(const uint8_t* tq, const Q4KHalf* dec, int64_t nsb, const ActQ8& a, int64_t tok0, int nh,
+                       __m256 (*acc)[NT]) {
     const __m256i m4 = _mm256_set1_epi8(0x0f);
     for (int64_t s = 0; s < nsb; ++s) {
+        alignas(16) int32_t sp[NT][4];
+        for (int i = 0; i < NT; ++i) q4k_row_sum_pairs(a.s + (tok0 + i) * a.nb + 8 * s, 8, sp[i]);
         const uint8_t* sq = tq + s * kQ4KTileQuants;
         for (int h = 0; h < nh; ++h) {
             const Q4KHalf& hs = dec[2 * s + h];
@@ -195,15 +212,14 @@ static void q4k_tokens(const uint8_t* tq, const Q4KHalf* dec, int64_t nsb, const
                     for (int i = 0; i < NT; ++i) {
                         sum[i] = _mm256_add_epi16(sum[i], _mm256_maddubs_epi16(lo, bcast4(x[i] + 4 * v)));
                         sum[i] = _mm256_add_epi16(sum[i], _mm256_maddubs_epi16(hi, bcast4(x[i] + 16 + 4 * v)));
-                        __asm__("" : "+x"(sum[i]));  // a running sum per token (see q4_tile_nibble_sums)
+                        __asm__("" : "+x"(sum[i]));  // a running sum per token (see q4_tiles_nibble_sums)
                     }
                 }
                 for (int i = 0; i < NT; ++i) isd[i] = _mm256_add_epi32(isd[i], _mm256_madd_epi16(sum[i], hs.sc[j]));
             }
             for (int i = 0; i < NT; ++i) {
                 __m256i ism = _mm256_setzero_si256();
-                const int32_t* sp = pairs + (tok0 + i) * (a.nb / 2) + 4 * s;
-                for (int p = 0; p < 4; ++p) ism = _mm256_add_epi32(ism, _mm256_madd_epi16(hs.m[p], _mm256_set1_epi32(sp[p])));
+                for (int p = 0; p < 4; ++p) ism = _mm256_add_epi32(ism, _mm256_madd_epi16(hs.m[p], _mm256_set1_epi32(sp[i][p])));
                 const __m256 da = _mm256_set1_ps(a.d[(tok0 + i) * a.nb + s * 8]);
                 acc[h][i] = q4k_finish(acc[h][i], hs.d, hs.dmin, da, isd[i], ism);
             }
@@ -258,7 +274,7 @@ static void q6_row_offsets(const int8_t* x, int64_t nb, int32_t* offs) {
 
 // int32 lanes, rows 0-7 in d0 and 8-15 in d1: sc_lo * sum_lo + sc_hi * sum_hi over one Q6_K
 // sub-block, sum_lo / sum_hi the dots of its low / high 16 columns with x, each of (q - 32) * a.
-// As q4_tile_nibble_sums: each activation group is broadcast once for both halves.
+// As q4_tiles_nibble_sums: each activation group is broadcast once for both halves.
 static inline void q6_tile_sub_dots(const uint8_t* sub, const int8_t* x, const int32_t* offs, const uint8_t* sc_lo,
                                     const uint8_t* sc_hi, __m256i* d0, __m256i* d1) {
     const __m256i m63 = _mm256_set1_epi8(63);
@@ -272,7 +288,7 @@ static inline void q6_tile_sub_dots(const uint8_t* sub, const int8_t* x, const i
             const __m256i xk = bcast4(xt + 4 * k);
             s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(_mm256_and_si256(ld(p + 64 * k), m63), xk));
             s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(_mm256_and_si256(ld(p + 64 * k + 32), m63), xk));
-            __asm__("" : "+x"(s0), "+x"(s1));  // running sums (see q4_tile_nibble_sums)
+            __asm__("" : "+x"(s0), "+x"(s1));  // running sums (see q4_tiles_nibble_sums)
         }
         const __m256i x3 = bcast4(xt + 12);
         for (int h = 0; h < 2; ++h) {
@@ -365,7 +381,7 @@ static void q6k_tokens(const uint8_t* tq, const Q6KHalf* dec, int64_t nsb, const
                         sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(q[2], bcast4(x + 8)));
                         sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(q[3], bcast4(x + 12)));
                         dot[i] = _mm256_add_epi32(dot[i], _mm256_madd_epi16(sum, t ? hs.hi[j] : hs.lo[j]));
-                        __asm__("" : "+x"(dot[i]));  // a running sum per token (see q4_tile_nibble_sums)
+                        __asm__("" : "+x"(dot[i]));  // a running sum per token (see q4_tiles_nibble_sums)
                     }
                 }
             }
@@ -379,10 +395,10 @@ static void q6k_tokens(const uint8_t* tq, const Q6KHalf* dec, int64_t nsb, const
 
 // ---- dispatch ------------------------------------------------------------------------------
 
-// NT tokens from tok0 against tile t, the tile's scales already decoded into dec; acts: the
-// call's activation table (matmul).
+// NT tokens from tok0 against tile t, the tile's scales already decoded into dec; offs (Q6_K):
+// q6_row_offsets of every token.
 template <int32_t kType, int NT, typename Half>
-static inline void tile_tokens(const uint8_t* w, const Half* dec, const int32_t* acts, int64_t nsb, int64_t t,
+static inline void tile_tokens(const uint8_t* w, const Half* dec, const int32_t* offs, int64_t nsb, int64_t t,
                                const ActQ8& a, int64_t tok0, float* out, int64_t ldo, int64_t n_rows, bool accumulate) {
     const int64_t n0 = t * kTileRows;
     const int nh = n_rows - n0 > 8 ? 2 : 1;
@@ -390,45 +406,71 @@ static inline void tile_tokens(const uint8_t* w, const Half* dec, const int32_t*
     for (int h = 0; h < 2; ++h)
         for (int i = 0; i < NT; ++i) acc[h][i] = _mm256_setzero_ps();
     const uint8_t* tq = w + t * nsb * k_tile_quant_bytes(kType);
-    if constexpr (kType == kQ4_K) q4k_tokens<NT>(tq, dec, nsb, a, acts, tok0, nh, acc);
-    else q6k_tokens<NT>(tq, dec, nsb, a, acts, tok0, nh, acc);
+    if constexpr (kType == kQ4_K) q4k_tokens<NT>(tq, dec, nsb, a, tok0, nh, acc);
+    else q6k_tokens<NT>(tq, dec, nsb, a, offs, tok0, nh, acc);
     for (int h = 0; h < nh; ++h)
         for (int i = 0; i < NT; ++i)
             store_rows8(out + (tok0 + i) * ldo + n0 + 8 * h, acc[h][i], n_rows - n0 - 8 * h, accumulate);
 }
 
+// The single-token and batched paths are kept out of each other's functions: compiled as
+// one, the compiler's register allocation for the batched loop came out a third slower
+// (bench/kquants.py, 16 tokens) after an unrelated change to the single-token loop.
+
 template <int32_t kType>
-static void matmul(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, int64_t tile1, const ActQ8& a,
-                   float* out, int64_t ldo, bool accumulate) {
+__attribute__((noinline)) static void gemv(const uint8_t* w, const uint8_t* scales, int64_t n_rows, int64_t nsb,
+                                           int64_t tile0, int64_t tile1, const ActQ8& a, float* out, bool accumulate) {
+    // What the tiles need of the token besides q and d, once per call: Q4_K the block sums as
+    // int16 pairs, Q6_K each 16-column group's start.
+    std::vector<int32_t> acts(size_t(kType == kQ4_K ? a.nb / 2 : 2 * a.nb));
+    if constexpr (kType == kQ4_K) q4k_row_sum_pairs(a.s, a.nb, acts.data());
+    else q6_row_offsets(a.q, a.nb, acts.data());
+    for (int64_t t = tile0; t < tile1; ++t) {
+        if constexpr (kType == kQ4_K) {
+            if (t + 1 < tile1) {
+                q4k_tiles_gemv<2>(w, scales, nsb, t, a, acts.data(), out, n_rows, accumulate);
+                ++t;
+            } else {
+                q4k_tiles_gemv<1>(w, scales, nsb, t, a, acts.data(), out, n_rows, accumulate);
+            }
+        } else {
+            // One tile per pass: Q6_K's working set (six weight vectors per activation group)
+            // leaves no registers for a second tile; two measured 10% slower.
+            q6k_tile_gemv(w, scales, nsb, t, a, acts.data(), out, n_rows, accumulate);
+        }
+    }
+}
+
+template <int32_t kType>
+__attribute__((noinline)) static void batched(const uint8_t* w, const uint8_t* scales, int64_t n_rows, int64_t nsb,
+                                              int64_t tile0, int64_t tile1, const ActQ8& a, float* out, int64_t ldo,
+                                              bool accumulate) {
     using Half = std::conditional_t<kType == kQ4_K, Q4KHalf, Q6KHalf>;
-    const int64_t nsb = k / kSuperBlock;
-    const uint8_t* scales = w + n_tiles(n_rows) * nsb * k_tile_quant_bytes(kType);
-    std::vector<Half> dec;  // a tile's decoded scales, for the batched path
-    if (a.T > 1) dec.resize(size_t(2 * nsb));
-    // What the tiles need of every token's activations besides q and d, computed once per call:
-    // Q4_K the block sums as int16 pairs, Q6_K each 16-column group's start.
-    const int64_t per_token = kType == kQ4_K ? a.nb / 2 : 2 * a.nb;
-    std::vector<int32_t> acts(size_t(per_token * a.T));
-    for (int64_t i = 0; i < a.T; ++i) {
-        int32_t* row = acts.data() + per_token * i;
-        if constexpr (kType == kQ4_K) q4k_row_sum_pairs(a.s + i * a.nb, a.nb, row);
-        else q6_row_offsets(a.q + i * a.ldq, a.nb, row);
+    std::vector<Half> dec(size_t(2 * nsb));  // a tile's decoded scales
+    std::vector<int32_t> offs;               // Q6_K: every token's group offsets
+    if constexpr (kType == kQ6_K) {
+        offs.resize(size_t(2 * a.nb * a.T));
+        for (int64_t i = 0; i < a.T; ++i) q6_row_offsets(a.q + i * a.ldq, a.nb, offs.data() + 2 * a.nb * i);
     }
     for (int64_t t = tile0; t < tile1; ++t) {
-        if (a.T == 1) {
-            if constexpr (kType == kQ4_K) q4k_tile_gemv(w, scales, nsb, t, a, acts.data(), out, n_rows, accumulate);
-            else q6k_tile_gemv(w, scales, nsb, t, a, acts.data(), out, n_rows, accumulate);
-            continue;
-        }
         for (int64_t s = 0; s < nsb; ++s) {
             const uint8_t* ts = scales + (t * nsb + s) * k_tile_scale_bytes(kType);
             if constexpr (kType == kQ4_K) q4k_decode(ts, &dec[size_t(2 * s)]);
             else q6k_decode(ts, &dec[size_t(2 * s)]);
         }
         int64_t tok = 0;
-        for (; tok + 4 <= a.T; tok += 4) tile_tokens<kType, 4>(w, dec.data(), acts.data(), nsb, t, a, tok, out, ldo, n_rows, accumulate);
-        for (; tok < a.T; ++tok) tile_tokens<kType, 1>(w, dec.data(), acts.data(), nsb, t, a, tok, out, ldo, n_rows, accumulate);
+        for (; tok + 4 <= a.T; tok += 4) tile_tokens<kType, 4>(w, dec.data(), offs.data(), nsb, t, a, tok, out, ldo, n_rows, accumulate);
+        for (; tok < a.T; ++tok) tile_tokens<kType, 1>(w, dec.data(), offs.data(), nsb, t, a, tok, out, ldo, n_rows, accumulate);
     }
+}
+
+template <int32_t kType>
+static void matmul(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, int64_t tile1, const ActQ8& a,
+                   float* out, int64_t ldo, bool accumulate) {
+    const int64_t nsb = k / kSuperBlock;
+    const uint8_t* scales = w + n_tiles(n_rows) * nsb * k_tile_quant_bytes(kType);
+    if (a.T == 1) gemv<kType>(w, scales, n_rows, nsb, tile0, tile1, a, out, accumulate);
+    else batched<kType>(w, scales, n_rows, nsb, tile0, tile1, a, out, ldo, accumulate);
 }
 
 }  // namespace kq_avx2_impl

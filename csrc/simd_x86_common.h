@@ -12,26 +12,27 @@ static inline __m256i bcast4(const int8_t* p) {
 
 // int16 sums of the 16 nibble-by-activation products of one 4-bit tile block (16 rows x 32
 // columns, the Q4_0 / Q4_1 / Q4_K layout: 4 vectors of 64 bytes, rows 0-7 in the first 32 bytes
-// of each, low nibbles for columns 4v+j, high for 16+4v+j): lane pairs of s0 are rows 0-7, of
-// s1 rows 8-15. Each 4-byte activation group is broadcast once for both halves, and the
-// working set stays in registers, so the loops around it spill nothing.
-static inline void q4_tile_nibble_sums(const uint8_t* q, const int8_t* x, __m256i* s0_out, __m256i* s1_out) {
+// of each, low nibbles for columns 4v+j, high for 16+4v+j), for NTL tiles' blocks at q[u]:
+// lane pairs of s[u][0] are rows 0-7, of s[u][1] rows 8-15. Each 4-byte activation group is
+// broadcast once for all 16 * NTL rows, and the working set stays in registers, so the loops
+// around it spill nothing.
+template <int NTL>
+static inline void q4_tiles_nibble_sums(const uint8_t* const* q, const int8_t* x, __m256i (*s)[2]) {
     const __m256i m4 = _mm256_set1_epi8(0x0f);
-    __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+    for (int u = 0; u < NTL; ++u) s[u][0] = s[u][1] = _mm256_setzero_si256();
     for (int v = 0; v < 4; ++v) {
         const __m256i xl = bcast4(x + 4 * v), xh = bcast4(x + 16 + 4 * v);
-        const __m256i r0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + v * 64));
-        const __m256i r1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + v * 64 + 32));
-        s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(_mm256_and_si256(r0, m4), xl));
-        s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(_mm256_and_si256(r1, m4), xl));
-        s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(r0, 4), m4), xh));
-        s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(r1, 4), m4), xh));
-        // Keeps each sum a running register: left alone, the compiler reorders the adds into a
-        // tree over all 16 products and spills them.
-        __asm__("" : "+x"(s0), "+x"(s1));
+        for (int u = 0; u < NTL; ++u) {
+            for (int h = 0; h < 2; ++h) {
+                const __m256i r = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[u] + v * 64 + 32 * h));
+                s[u][h] = _mm256_add_epi16(s[u][h], _mm256_maddubs_epi16(_mm256_and_si256(r, m4), xl));
+                s[u][h] = _mm256_add_epi16(s[u][h], _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(r, 4), m4), xh));
+            }
+            // Keeps each sum a running register: left alone, the compiler reorders the adds into
+            // a tree over all 16 products and spills them.
+            __asm__("" : "+x"(s[u][0]), "+x"(s[u][1]));
+        }
     }
-    *s0_out = s0;
-    *s1_out = s1;
 }
 
 // Sum of the 8 lanes, in a fixed order.
