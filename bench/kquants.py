@@ -3,18 +3,20 @@
 side by side in one run (the machine is shared: compare only figures from the same run).
 
 Each format multiplies the same random weights: a set of matrices larger than the last-level
-cache ("dram", what token generation sees) and one matrix that stays in cache ("cache", the
-kernel's compute speed). Repetitions are interleaved across formats; each repetition takes a
+cache ("dram", what token generation sees) and one matrix that stays in the core's L2 cache
+("cache", the kernel's compute speed), of the same size in bytes for every format (rows in
+inverse proportion to bits per weight), so that no format is measured partly from L3. Repetitions are interleaved across formats; each repetition takes a
 format's fastest pass over 0.1 s of passes; each format's best is printed, and its speed per
 byte against q4_0 as the median, over repetitions, of its rate over q4_0's in the same
 repetition.
 
     python bench/kquants.py [--threads 1] [--tokens 1] [--rows 4096] [--cols 4096] [--reps 15]
-                            [--isa auto] [--json]
+                            [--cache-kib 384] [--isa auto] [--json]
 """
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -64,11 +66,16 @@ def main():
     ap.add_argument("--rows", type=int, default=4096)
     ap.add_argument("--cols", type=int, default=4096)
     ap.add_argument("--dram-mib", type=int, default=160, help="total size of the matrices of the dram case")
+    ap.add_argument("--cache-kib", type=int, default=384, help="size of each format's matrix of the cache case")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--isa", default="auto")
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
+    if a.threads == 1 and hasattr(os, "sched_setaffinity"):
+        # One core for the whole run, so that every format is measured on the same one: on a
+        # shared machine the same kernel measured up to 20% apart on two cores.
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     rng = np.random.default_rng(0)
     backend = _core.Backend(a.threads, a.isa)
     w = rng.standard_normal((a.rows, a.cols)).astype(np.float32)
@@ -82,7 +89,8 @@ def main():
         # Copies of the bytes, so that each pass streams them from memory (a Matrix keeps its
         # buffer alive).
         dram = [one] + [(_core.Matrix(b, 0, dt, a.rows, a.cols), b) for b in (np.copy(one[1]) for _ in range(copies - 1))]
-        cache_rows = max(16, (1 << 20) // a.cols // 16 * 16)  # about 512 KiB of 4-bit weights: in L2
+        # About 384 KiB of weights: in a 512 KiB L2 with room for the activations and outputs.
+        cache_rows = max(16, int(a.cache_kib * 1024 * a.rows / one[1].nbytes) // 16 * 16)
         cases[name] = {"dram": dram, "cache": [make_matrix(dt, w[:cache_rows])]}
     best = {(n, k): 0.0 for n in names for k in ("dram", "cache")}
     ratios = {(n, k): [] for n in names for k in ("dram", "cache")}

@@ -239,11 +239,14 @@ static inline void q6_offsets(const int8_t* x, __m256i* off_lo, __m256i* off_hi)
     *off_hi = _mm256_permutevar8x32_epi32(u, _mm256_set1_epi32(4));
 }
 
-// The fourth column group's 6-bit quants from the top bit pairs of the three stored vectors.
-static inline __m256i q6_fourth(__m256i v0, __m256i v1, __m256i v2) {
-    return _mm256_or_si256(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v0, 6), _mm256_set1_epi8(0x03)),
-                                           _mm256_and_si256(_mm256_srli_epi16(v1, 4), _mm256_set1_epi8(0x0c))),
-                           _mm256_and_si256(_mm256_srli_epi16(v2, 2), _mm256_set1_epi8(0x30)));
+// The fourth column group's 6-bit quants from the top bit pairs of the three stored vectors,
+// given their low 6 bits (lo_k = v_k & 63): v_k ^ lo_k keeps bits 6-7 of every byte and nothing
+// else, so 16-bit shifts move each byte's pair down without bleeding across bytes, and no mask
+// beyond the one already in a register is needed. Bit pairs: v0 -> bits 0-1, v1 -> 2-3, v2 -> 4-5.
+static inline __m256i q6_fourth(__m256i v0, __m256i v1, __m256i v2, __m256i lo0, __m256i lo1, __m256i lo2) {
+    __m256i r = _mm256_srli_epi16(_mm256_xor_si256(v0, lo0), 2);
+    r = _mm256_srli_epi16(_mm256_or_si256(r, _mm256_xor_si256(v1, lo1)), 2);
+    return _mm256_srli_epi16(_mm256_or_si256(r, _mm256_xor_si256(v2, lo2)), 2);
 }
 
 // The four 6-bit quant vectors (columns 0-3, 4-7, 8-11, 12-15 of a 16-column group, one
@@ -257,7 +260,7 @@ static inline void q6_unpack(const uint8_t* p, __m256i* q) {
     q[0] = _mm256_and_si256(v0, m63);
     q[1] = _mm256_and_si256(v1, m63);
     q[2] = _mm256_and_si256(v2, m63);
-    q[3] = q6_fourth(v0, v1, v2);
+    q[3] = q6_fourth(v0, v1, v2, q[0], q[1], q[2]);
 }
 
 // The dword each 16-column group's int16 lanes start from, for a whole activation row:
@@ -274,7 +277,8 @@ static void q6_row_offsets(const int8_t* x, int64_t nb, int32_t* offs) {
 
 // int32 lanes, rows 0-7 in d0 and 8-15 in d1: sc_lo * sum_lo + sc_hi * sum_hi over one Q6_K
 // sub-block, sum_lo / sum_hi the dots of its low / high 16 columns with x, each of (q - 32) * a.
-// As q4_tiles_nibble_sums: each activation group is broadcast once for both halves.
+// Each activation group is broadcast for each half: sharing it between the halves needs six
+// live weight vectors, and the spills cost more than the broadcasts (one load each).
 static inline void q6_tile_sub_dots(const uint8_t* sub, const int8_t* x, const int32_t* offs, const uint8_t* sc_lo,
                                     const uint8_t* sc_hi, __m256i* d0, __m256i* d1) {
     const __m256i m63 = _mm256_set1_epi8(63);
@@ -283,22 +287,20 @@ static inline void q6_tile_sub_dots(const uint8_t* sub, const int8_t* x, const i
     for (int t = 0; t < 2; ++t) {
         const uint8_t* p = sub + 3 * t * 64;
         const int8_t* xt = x + 16 * t;
-        __m256i s0 = _mm256_set1_epi32(offs[t]), s1 = s0;
-        for (int k = 0; k < 3; ++k) {
-            const __m256i xk = bcast4(xt + 4 * k);
-            s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(_mm256_and_si256(ld(p + 64 * k), m63), xk));
-            s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(_mm256_and_si256(ld(p + 64 * k + 32), m63), xk));
-            __asm__("" : "+x"(s0), "+x"(s1));  // running sums (see q4_tiles_nibble_sums)
-        }
-        const __m256i x3 = bcast4(xt + 12);
+        // Each stored vector is loaded once, in address order: its low 6 bits meet one
+        // activation group and its top bits go into the fourth vector.
+        __m256i v[2][3];
+        for (int k = 0; k < 3; ++k)
+            for (int h = 0; h < 2; ++h) v[h][k] = ld(p + 64 * k + 32 * h);
         for (int h = 0; h < 2; ++h) {
-            const uint8_t* ph = p + 32 * h;
-            const __m256i q3 = q6_fourth(ld(ph), ld(ph + 64), ld(ph + 128));
-            __m256i& s = h ? s1 : s0;
-            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(q3, x3));
+            const __m256i q0 = _mm256_and_si256(v[h][0], m63), q1 = _mm256_and_si256(v[h][1], m63),
+                          q2 = _mm256_and_si256(v[h][2], m63);
+            __m256i s = _mm256_add_epi16(_mm256_set1_epi32(offs[t]), _mm256_maddubs_epi16(q0, bcast4(xt)));
+            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(q1, bcast4(xt + 4)));
+            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(q2, bcast4(xt + 8)));
+            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(q6_fourth(v[h][0], v[h][1], v[h][2], q0, q1, q2), bcast4(xt + 12)));
+            sum[t][h] = s;
         }
-        sum[t][0] = s0;
-        sum[t][1] = s1;
     }
     // Each row's int8 scale as the high byte of both int16s of its lane, i.e. 256 * sc: no
     // sign extension needed. |256 * sc * (even + odd)| <= 256 * 128 * 2 * 32512 < 2^31, and
@@ -324,7 +326,7 @@ static void q6k_tile_gemv(const uint8_t* quants, const uint8_t* scales, int64_t 
         __m256i isd0 = _mm256_setzero_si256(), isd1 = _mm256_setzero_si256();
         for (int j = 0; j < 8; ++j) {
             const int64_t b = s * 8 + j;
-            prefetch_ahead(tq + 384 * j, 384);
+            prefetch_ahead(tq + 384 * j, 384, kPrefetchBytesOneTile);
             __m256i d0, d1;
             q6_tile_sub_dots(tq + 384 * j, a.q + b * kBlock, offs + 2 * b, ts + 32 + 16 * (2 * j),
                              ts + 32 + 16 * (2 * j + 1), &d0, &d1);
@@ -422,21 +424,26 @@ __attribute__((noinline)) static void gemv(const uint8_t* w, const uint8_t* scal
                                            int64_t tile0, int64_t tile1, const ActQ8& a, float* out, bool accumulate) {
     // What the tiles need of the token besides q and d, once per call: Q4_K the block sums as
     // int16 pairs, Q6_K each 16-column group's start.
-    std::vector<int32_t> acts(size_t(kType == kQ4_K ? a.nb / 2 : 2 * a.nb));
-    if constexpr (kType == kQ4_K) q4k_row_sum_pairs(a.s, a.nb, acts.data());
-    else q6_row_offsets(a.q, a.nb, acts.data());
+    // On the stack up to k = 16384 (a call's whole cost at small k is a few microseconds, and
+    // every thread's claim of tiles makes one).
+    const size_t n_acts = size_t(kType == kQ4_K ? a.nb / 2 : 2 * a.nb);
+    int32_t local[1024];
+    std::vector<int32_t> heap(n_acts > 1024 ? n_acts : 0);
+    int32_t* acts = n_acts > 1024 ? heap.data() : local;
+    if constexpr (kType == kQ4_K) q4k_row_sum_pairs(a.s, a.nb, acts);
+    else q6_row_offsets(a.q, a.nb, acts);
     for (int64_t t = tile0; t < tile1; ++t) {
         if constexpr (kType == kQ4_K) {
             if (t + 1 < tile1) {
-                q4k_tiles_gemv<2>(w, scales, nsb, t, a, acts.data(), out, n_rows, accumulate);
+                q4k_tiles_gemv<2>(w, scales, nsb, t, a, acts, out, n_rows, accumulate);
                 ++t;
             } else {
-                q4k_tiles_gemv<1>(w, scales, nsb, t, a, acts.data(), out, n_rows, accumulate);
+                q4k_tiles_gemv<1>(w, scales, nsb, t, a, acts, out, n_rows, accumulate);
             }
         } else {
             // One tile per pass: Q6_K's working set (six weight vectors per activation group)
             // leaves no registers for a second tile; two measured 10% slower.
-            q6k_tile_gemv(w, scales, nsb, t, a, acts.data(), out, n_rows, accumulate);
+            q6k_tile_gemv(w, scales, nsb, t, a, acts, out, n_rows, accumulate);
         }
     }
 }

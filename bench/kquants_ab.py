@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""Kernel speed of two or more builds of llamacpu, side by side: one worker process per build,
+pinned to the same core, each asked in turn (order alternating by round) for its fastest pass
+over a format's matrices; reported per build as GB/s of weights and per byte against q4_0, and
+per format as each build's speed over the first build's (median over rounds of the ratio of
+passes measured moments apart). Meant for changes of a few percent on a shared, noisy machine,
+where separate runs of bench/kquants.py drift more than that.
+
+    python bench/kquants_ab.py TREE_A TREE_B [...] [--formats q4_0,q4_k,q6_k] [--rounds 40]
+                               [--regime l2|dram] [--tokens 1] [--core 0]
+
+TREE: a directory holding an importable llamacpu package (a site-packages, or an import tree
+of src/llamacpu plus a built _core). regime l2: one matrix per format of about 384 KiB (the
+core's L2 cache); dram: 128 MiB of copies of a 4096 x 4096 matrix per format.
+"""
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+BPW = {"q4_0": 4.5, "q4_1": 5.0, "q8_0": 8.5, "q4_k": 4.5, "q6_k": 6.5625}
+
+
+def worker(tree: str, formats: list, regime: str, tokens: int, core: int):
+    os.sched_setaffinity(0, {core})
+    sys.path.insert(0, tree)
+    sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
+    import numpy as np
+
+    from llamacpu import _core
+
+    import kquants
+
+    assert os.path.abspath(_core.__file__).startswith(os.path.abspath(tree)), _core.__file__
+    cols = 4096
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4096, cols)).astype(np.float32)
+    x = rng.standard_normal((tokens, cols)).astype(np.float32)
+    backend = _core.Backend(1, "auto")
+    mats = {}
+    for f in formats:
+        rows = max(16, int(384 * 1024 * 8 / BPW[f] / cols) // 16 * 16) if regime == "l2" else 4096
+        m, buf = kquants.make_matrix(kquants.FORMATS[f], w[:rows])
+        ms = [(m, buf)]
+        if regime == "dram":
+            copies = 128 * 2**20 // buf.nbytes
+            ms += [(_core.Matrix(b, 0, kquants.FORMATS[f], rows, cols), b) for b in (buf.copy() for _ in range(copies - 1))]
+        mats[f] = ms
+    print("ready", flush=True)
+    passes = 12 if regime == "l2" else 3
+    for line in sys.stdin:
+        ms = mats[line.strip()]
+        out = np.zeros((tokens, ms[0][0].rows), np.float32)
+        nbytes = sum(b.nbytes for _, b in ms)
+        for m, _ in ms:
+            backend.matmul(m, x, out)
+        best = float("inf")
+        for _ in range(passes):
+            t0 = time.perf_counter()
+            for m, _ in ms:
+                backend.matmul(m, x, out)
+            best = min(best, time.perf_counter() - t0)
+        print(nbytes / best / 1e9, flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("trees", nargs="+")
+    ap.add_argument("--formats", default="q4_0,q4_k,q6_k")
+    ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--regime", choices=("l2", "dram"), default="l2")
+    ap.add_argument("--tokens", type=int, default=1)
+    ap.add_argument("--core", type=int, default=min(os.sched_getaffinity(0)))
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    formats = a.formats.split(",")
+    if a.worker:
+        return worker(a.trees[0], formats, a.regime, a.tokens, a.core)
+    names = list(a.trees)
+    procs = {}
+    for t in names:
+        cmd = [sys.executable, os.path.abspath(__file__), t, "--worker", "--formats", a.formats,
+               "--regime", a.regime, "--tokens", str(a.tokens), "--core", str(a.core)]
+        procs[t] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    for p in procs.values():
+        if p.stdout.readline().strip() != "ready":
+            sys.exit("a worker failed to start")
+    rates = {(t, f): [] for t in names for f in formats}
+    for r in range(a.rounds):
+        for f in formats:
+            for t in names if r % 2 == 0 else names[::-1]:
+                procs[t].stdin.write(f + "\n")
+                procs[t].stdin.flush()
+                rates[(t, f)].append(float(procs[t].stdout.readline()))
+    for p in procs.values():
+        p.stdin.close()
+        p.wait()
+    med = lambda a, b: statistics.median(x / y for x, y in zip(a, b))  # noqa: E731
+    print(f"regime {a.regime}, {a.tokens} token(s), {a.rounds} rounds, core {a.core}: best GB/s of weights; "
+          "per byte against q4_0 and against the first build (median over rounds)")
+    for t in names:
+        rel = " ".join(f"{f} {med(rates[(t, f)], rates[(t, 'q4_0')]):.3f}" for f in formats if f != "q4_0")
+        print(f"  {t}: " + " ".join(f"{f} {max(rates[(t, f)]):.2f}" for f in formats) + (f"  | vs q4_0: {rel}" if rel else ""))
+    for f in formats:
+        print(f"  {f}: " + " ".join(f"{t} {med(rates[(t, f)], rates[(names[0], f)]):.3f}" for t in names[1:]))
+
+
+if __name__ == "__main__":
+    main()
