@@ -49,21 +49,8 @@ static inline void half_block_dots(const uint8_t* q, const int8_t* const* x, con
         }
         return;
     }
-    const __m256i m4 = _mm256_set1_epi8(0x0f);
     __m256i s[NT];
-    for (int i = 0; i < NT; ++i) s[i] = _mm256_setzero_si256();
-    for (int v = 0; v < 4; ++v) {
-        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + v * 64));
-        const __m256i lo = _mm256_and_si256(raw, m4);
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
-        for (int i = 0; i < NT; ++i) {
-            s[i] = _mm256_add_epi16(s[i], _mm256_maddubs_epi16(lo, bcast4(x[i] + 4 * v)));
-            s[i] = _mm256_add_epi16(s[i], _mm256_maddubs_epi16(hi, bcast4(x[i] + 16 + 4 * v)));
-            // Keeps each sum a running register: left alone, the compiler reorders the adds into
-            // a tree over all 32 products and spills them.
-            __asm__("" : "+x"(s[i]));
-        }
-    }
+    q4_half_nibble_sums<NT>(q, x, s);
     for (int i = 0; i < NT; ++i)
         dot[i] = _mm256_sub_epi32(_mm256_madd_epi16(s[i], ones), _mm256_set1_epi32(corr[i]));
 }

@@ -191,7 +191,6 @@ static inline void q4k_decode(const uint8_t* ts, Q4KHalf* out) {
 template <int NT>
 static void q4k_tokens(const uint8_t* tq, const Q4KHalf* dec, int64_t nsb, const ActQ8& a, int64_t tok0, int nh,
                        __m256 (*acc)[NT]) {
-    const __m256i m4 = _mm256_set1_epi8(0x0f);
     for (int64_t s = 0; s < nsb; ++s) {
         alignas(16) int32_t sp[NT][4];
         for (int i = 0; i < NT; ++i) q4k_row_sum_pairs(a.s + (tok0 + i) * a.nb + 8 * s, 8, sp[i]);
@@ -204,17 +203,7 @@ static void q4k_tokens(const uint8_t* tq, const Q4KHalf* dec, int64_t nsb, const
                 const int8_t* x[NT];
                 for (int i = 0; i < NT; ++i) x[i] = a.q + (tok0 + i) * a.ldq + (s * 8 + j) * kBlock;
                 __m256i sum[NT];
-                for (int i = 0; i < NT; ++i) sum[i] = _mm256_setzero_si256();
-                for (int v = 0; v < 4; ++v) {
-                    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sq + 256 * j + v * 64 + h * 32));
-                    const __m256i lo = _mm256_and_si256(raw, m4);
-                    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
-                    for (int i = 0; i < NT; ++i) {
-                        sum[i] = _mm256_add_epi16(sum[i], _mm256_maddubs_epi16(lo, bcast4(x[i] + 4 * v)));
-                        sum[i] = _mm256_add_epi16(sum[i], _mm256_maddubs_epi16(hi, bcast4(x[i] + 16 + 4 * v)));
-                        __asm__("" : "+x"(sum[i]));  // a running sum per token (see q4_tiles_nibble_sums)
-                    }
-                }
+                q4_half_nibble_sums<NT>(sq + 256 * j + h * 32, x, sum);
                 for (int i = 0; i < NT; ++i) isd[i] = _mm256_add_epi32(isd[i], _mm256_madd_epi16(sum[i], hs.sc[j]));
             }
             for (int i = 0; i < NT; ++i) {

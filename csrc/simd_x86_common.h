@@ -35,6 +35,28 @@ static inline void q4_tiles_nibble_sums(const uint8_t* const* q, const int8_t* x
     }
 }
 
+// The same sums for one half (8 rows) of a 4-bit tile block and NT tokens: q is the half's
+// first 32 bytes (vector v at q + 64 v), x[i] token i's 32 activations; s[i]'s lane pairs are
+// rows 0-7 against token i. Each weight vector is unpacked once for all NT tokens (the batched
+// paths of Q4_0 / Q4_1 / Q4_K), and each sum is a running register.
+template <int NT>
+static inline void q4_half_nibble_sums(const uint8_t* q, const int8_t* const* x, __m256i* s) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    for (int i = 0; i < NT; ++i) s[i] = _mm256_setzero_si256();
+    for (int v = 0; v < 4; ++v) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + v * 64));
+        const __m256i lo = _mm256_and_si256(raw, m4);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+        for (int i = 0; i < NT; ++i) {
+            s[i] = _mm256_add_epi16(s[i], _mm256_maddubs_epi16(lo, bcast4(x[i] + 4 * v)));
+            s[i] = _mm256_add_epi16(s[i], _mm256_maddubs_epi16(hi, bcast4(x[i] + 16 + 4 * v)));
+            // Left alone, the compiler reorders the adds into a tree over all 32 products
+            // and spills them.
+            __asm__("" : "+x"(s[i]));
+        }
+    }
+}
+
 // Sum of the 8 lanes, in a fixed order.
 static inline float hsum256(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v);
