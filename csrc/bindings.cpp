@@ -379,6 +379,16 @@ public:
         return py::make_tuple(q, d, s);
     }
 
+    py::array_t<int32_t> q6k_offsets(py::array q) {
+        check_dtype<int8_t>(q, "q");
+        need(q.ndim() == 1 && (q.flags() & py::array::c_style) && q.shape(0) % kBlock == 0,
+             "q6k_offsets: 1-D int8, length a multiple of 32");
+        const int64_t nb = q.shape(0) / kBlock;
+        py::array_t<int32_t> g(2 * nb);
+        k_->q6k_offsets(static_cast<const int8_t*>(q.data()), nb, g.mutable_data());
+        return g;
+    }
+
     void softmax(py::array x) {
         Rows xr = rows_of(x, "x", true);
         need(xr.rows == 1, "softmax: 1-D");
@@ -573,6 +583,7 @@ PYBIND11_MODULE(_core, m) {
         .def(py::init<const std::string&>())
         .def_property_readonly("name", &PyKernels::name)
         .def("quantize_row_q8", &PyKernels::quantize_row_q8, py::arg("x"), py::arg("group") = kBlock)
+        .def("q6k_offsets", &PyKernels::q6k_offsets, py::arg("q"))
         .def("softmax", &PyKernels::softmax)
         .def("attention", &PyKernels::attention);
 

@@ -179,12 +179,22 @@ private:
         // The K-quant kernels sum a whole super-block in integers, so their activations share
         // one scale per super-block (kquants.h).
         const int64_t group = is_kquant(w.dtype) ? kSuperBlock : kBlock;
+        // Q6_K's group offsets (ActQ8::g) come with the activations, once per call rather than
+        // once per task: a task of a few tiles would otherwise spend a sizeable share of its
+        // time recomputing them for all of its tokens.
+        int32_t* ag = nullptr;
+        if (w.dtype == kQ6_K) {
+            act_g_.resize(size_t(n_tok * 2 * nb));
+            ag = act_g_.data();
+        }
+        auto quantize = [&](int64_t t) {
+            k_->quantize_row_q8(x + t * ldx, k, group, aq + t * k, ad + t * nb, as + t * nb);
+            if (ag) k_->q6k_offsets(aq + t * k, nb, ag + t * 2 * nb);
+        };
         if (n_tok == 1) {
-            k_->quantize_row_q8(x, k, group, aq, ad, as);
+            quantize(0);
         } else {
-            par(n_tok, n_tok * k, [&](int64_t t, int) {
-                k_->quantize_row_q8(x + t * ldx, k, group, aq + t * k, ad + t * nb, as + t * nb);
-            });
+            par(n_tok, n_tok * k, [&](int64_t t, int) { quantize(t); });
         }
         const int64_t tiles = n_tiles(w.rows);
         auto fn = w.dtype == kQ4_0 ? k_->matmul_q4_0 : w.dtype == kQ4_1 ? k_->matmul_q4_1 : k_->matmul_q8_0;
@@ -193,7 +203,7 @@ private:
             // One token (generation): guided self-scheduling. Each claim takes a share of the
             // tiles still left, so claims start large and end at one tile, and the threads
             // finish within a tile of each other instead of within one fixed-size task.
-            const ActQ8 a{aq, ad, as, k, nb, 1};
+            const ActQ8 a{aq, ad, as, k, nb, 1, ag};
             std::atomic<int64_t> next{0};
             const int64_t div = 2 * int64_t(pool_.size());
             pool_.run(pool_.size(), [&](int64_t, int) {
@@ -218,7 +228,7 @@ private:
             const int64_t tc = task / tile_tasks, tt = task % tile_tasks;
             const int64_t tok0 = tc * kTokChunk, ntok = std::min(kTokChunk, n_tok - tok0);
             const int64_t t0 = tt * tiles_per_task, t1 = std::min(tiles, t0 + tiles_per_task);
-            const ActQ8 a{aq + tok0 * k, ad + tok0 * nb, as + tok0 * nb, k, nb, ntok};
+            const ActQ8 a{aq + tok0 * k, ad + tok0 * nb, as + tok0 * nb, k, nb, ntok, ag ? ag + tok0 * 2 * nb : nullptr};
             fn(w.data, w.rows, k, t0, t1, a, out + tok0 * ldo, ldo, accumulate);
         });
     }
@@ -249,6 +259,7 @@ private:
     std::vector<int8_t> act_q_;
     std::vector<float> act_d_;
     std::vector<int32_t> act_s_;
+    std::vector<int32_t> act_g_;  // Q6_K: ActQ8::g
     std::vector<float> scratch_scores_;
     std::vector<uint8_t> row_scratch_;
 };

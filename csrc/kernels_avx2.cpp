@@ -225,6 +225,7 @@ const KernelTable kAvx2Kernels = {
     avx2::f32_to_f16_avx2,
     kq_avx2_matmul_q4_k,
     kq_avx2_matmul_q6_k,
+    kq_avx2_q6k_offsets,
 };
 
 }  // namespace llamacpu

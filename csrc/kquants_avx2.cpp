@@ -253,8 +253,9 @@ static inline void q6_unpack(const uint8_t* p, __m256i* q) {
 }
 
 // The dword each 16-column group's int16 lanes start from, for a whole activation row:
-// offs[2b + t] holds the negated (even, odd) pair of q6_offsets for block b, group t. Computed
-// once per call, so the single-token tiles only broadcast it.
+// offs[2b + t] holds the negated (even, odd) pair of q6_offsets for block b, group t, i.e.
+// ActQ8::g, which the backend computes once per call (kq_avx2_q6k_offsets) and the tiles only
+// broadcast.
 static void q6_row_offsets(const int8_t* x, int64_t nb, int32_t* offs) {
     for (int64_t b = 0; b < nb; ++b) {
         __m256i lo, hi;
@@ -348,7 +349,7 @@ static inline void q6k_decode(const uint8_t* ts, Q6KHalf* out) {
 }
 
 // As q4k_tokens, for Q6_K: per 16-column group the int16 lanes start from the token's
-// -32 * sum(a) offsets (offs: q6_row_offsets of every token, a.nb * 2 per token) and widen
+// -32 * sum(a) offsets (offs: ActQ8::g, a.nb * 2 per token) and widen
 // with the group's scale.
 template <int NT>
 static void q6k_tokens(const uint8_t* tq, const Q6KHalf* dec, int64_t nsb, const ActQ8& a, const int32_t* offs,
@@ -387,7 +388,7 @@ static void q6k_tokens(const uint8_t* tq, const Q6KHalf* dec, int64_t nsb, const
 // ---- dispatch ------------------------------------------------------------------------------
 
 // NT tokens from tok0 against tile t, the tile's scales already decoded into dec; offs (Q6_K):
-// q6_row_offsets of every token.
+// ActQ8::g.
 template <int32_t kType, int NT, typename Half>
 static inline void tile_tokens(const uint8_t* w, const Half* dec, const int32_t* offs, int64_t nsb, int64_t t,
                                const ActQ8& a, int64_t tok0, float* out, int64_t ldo, int64_t n_rows, bool accumulate) {
@@ -411,16 +412,18 @@ static inline void tile_tokens(const uint8_t* w, const Half* dec, const int32_t*
 template <int32_t kType>
 __attribute__((noinline)) static void gemv(const uint8_t* w, const uint8_t* scales, int64_t n_rows, int64_t nsb,
                                            int64_t tile0, int64_t tile1, const ActQ8& a, float* out, bool accumulate) {
-    // What the tiles need of the token besides q and d, once per call: Q4_K the block sums as
-    // int16 pairs, Q6_K each 16-column group's start.
-    // On the stack up to k = 16384 (a call's whole cost at small k is a few microseconds, and
-    // every thread's claim of tiles makes one).
-    const size_t n_acts = size_t(kType == kQ4_K ? a.nb / 2 : 2 * a.nb);
+    // What the tiles need of the token besides q and d: Q6_K each 16-column group's start
+    // (ActQ8::g, once per call), Q4_K the block sums as int16 pairs, here, once per claim of
+    // tiles (k / 64 of them, on the stack up to k = 65536).
+    const size_t n_pairs = size_t(kType == kQ4_K ? a.nb / 2 : 0);
     int32_t local[1024];
-    std::vector<int32_t> heap(n_acts > 1024 ? n_acts : 0);
-    int32_t* acts = n_acts > 1024 ? heap.data() : local;
-    if constexpr (kType == kQ4_K) q4k_row_sum_pairs(a.s, a.nb, acts);
-    else q6_row_offsets(a.q, a.nb, acts);
+    std::vector<int32_t> heap(n_pairs > 1024 ? n_pairs : 0);
+    const int32_t* acts = a.g;
+    if constexpr (kType == kQ4_K) {
+        int32_t* pairs = n_pairs > 1024 ? heap.data() : local;
+        q4k_row_sum_pairs(a.s, a.nb, pairs);
+        acts = pairs;
+    }
     for (int64_t t = tile0; t < tile1; ++t) {
         if constexpr (kType == kQ4_K) {
             if (t + 1 < tile1) {
@@ -444,11 +447,6 @@ __attribute__((noinline)) static void batched(const uint8_t* w, const uint8_t* s
                                               bool accumulate) {
     using Half = std::conditional_t<kType == kQ4_K, Q4KHalf, Q6KHalf>;
     std::vector<Half> dec(size_t(2 * nsb));  // a tile's decoded scales
-    std::vector<int32_t> offs;               // Q6_K: every token's group offsets
-    if constexpr (kType == kQ6_K) {
-        offs.resize(size_t(2 * a.nb * a.T));
-        for (int64_t i = 0; i < a.T; ++i) q6_row_offsets(a.q + i * a.ldq, a.nb, offs.data() + 2 * a.nb * i);
-    }
     for (int64_t t = tile0; t < tile1; ++t) {
         for (int64_t s = 0; s < nsb; ++s) {
             const uint8_t* ts = scales + (t * nsb + s) * k_tile_scale_bytes(kType);
@@ -456,8 +454,8 @@ __attribute__((noinline)) static void batched(const uint8_t* w, const uint8_t* s
             else q6k_decode(ts, &dec[size_t(2 * s)]);
         }
         int64_t tok = 0;
-        for (; tok + 4 <= a.T; tok += 4) tile_tokens<kType, 4>(w, dec.data(), offs.data(), nsb, t, a, tok, out, ldo, n_rows, accumulate);
-        for (; tok < a.T; ++tok) tile_tokens<kType, 1>(w, dec.data(), offs.data(), nsb, t, a, tok, out, ldo, n_rows, accumulate);
+        for (; tok + 4 <= a.T; tok += 4) tile_tokens<kType, 4>(w, dec.data(), a.g, nsb, t, a, tok, out, ldo, n_rows, accumulate);
+        for (; tok < a.T; ++tok) tile_tokens<kType, 1>(w, dec.data(), a.g, nsb, t, a, tok, out, ldo, n_rows, accumulate);
     }
 }
 
@@ -476,6 +474,8 @@ void kq_avx2_matmul_q4_k(const uint8_t* w, int64_t n_rows, int64_t k, int64_t ti
                          float* out, int64_t ldo, bool accumulate) {
     kq_avx2_impl::matmul<kQ4_K>(w, n_rows, k, tile0, tile1, a, out, ldo, accumulate);
 }
+
+void kq_avx2_q6k_offsets(const int8_t* q, int64_t nb, int32_t* g) { kq_avx2_impl::q6_row_offsets(q, nb, g); }
 
 void kq_avx2_matmul_q6_k(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, int64_t tile1, const ActQ8& a,
                          float* out, int64_t ldo, bool accumulate) {

@@ -211,21 +211,11 @@ static void q4k_tile_gemv(const uint8_t* quants, const uint8_t* scales, int64_t 
     store_rows16(out + t * kTileRows, acc, valid, accumulate);
 }
 
-static inline int32_t sum16(const int8_t* x) {
-    int32_t s = 0;
-    for (int i = 0; i < 16; ++i) s += x[i];
-    return s;
-}
-
 // The -32 * sum(a) start of each 16-column group, for every token of the call: offs[(tok *
-// a.nb + b) * 2 + g], computed once per call instead of per tile.
+// a.nb + b) * 2 + g], the two int16 halves of ActQ8::g added up.
 static void q6_offsets(const ActQ8& a, int32_t* offs) {
-    for (int64_t tok = 0; tok < a.T; ++tok)
-        for (int64_t b = 0; b < a.nb; ++b) {
-            const int32_t lo_sum = sum16(a.q + tok * a.ldq + b * kBlock);
-            offs[2 * (tok * a.nb + b)] = -32 * lo_sum;
-            offs[2 * (tok * a.nb + b) + 1] = -32 * (a.s[tok * a.nb + b] - lo_sum);
-        }
+    for (int64_t i = 0; i < 2 * a.nb * a.T; ++i)
+        offs[i] = int32_t(int16_t(uint32_t(a.g[i]) & 0xffff)) + int32_t(int16_t(uint32_t(a.g[i]) >> 16));
 }
 
 template <int NT>

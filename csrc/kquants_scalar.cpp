@@ -94,4 +94,16 @@ void kq_scalar_matmul_q6_k(const uint8_t* w, int64_t n_rows, int64_t k, int64_t 
     kq_scalar_impl::matmul<kQ6_K>(w, n_rows, k, tile0, tile1, a, out, ldo, accumulate);
 }
 
+void kq_scalar_q6k_offsets(const int8_t* q, int64_t nb, int32_t* g) {
+    for (int64_t b = 0; b < 2 * nb; ++b) {
+        const int8_t* x = q + 16 * b;
+        int32_t even = 0, odd = 0;
+        for (int v = 0; v < 4; ++v) {
+            even += x[4 * v] + x[4 * v + 1];
+            odd += x[4 * v + 2] + x[4 * v + 3];
+        }
+        g[b] = int32_t(uint32_t(uint16_t(-32 * even)) | uint32_t(uint16_t(-32 * odd)) << 16);
+    }
+}
+
 }  // namespace llamacpu

@@ -482,6 +482,25 @@ def test_quantize_row_q8_bitwise(isa):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+def test_q6k_offsets(isa):
+    """ActQ8::g: per 16-column group, -32 x the sums of the column pairs (4v, 4v+1) and
+    (4v+2, 4v+3) as two int16 halves of an int32, including the extremes +-127."""
+    rng = rng_for("q6koff", isa)
+    q = rng.integers(-127, 128, 32 * 24).astype(np.int8)
+    q[:32], q[32:64] = 127, -127  # |32 * 8 * 127| = 32512: the largest magnitude, still an int16
+    g = _core.Kernels(isa).q6k_offsets(q)
+    groups = q.astype(np.int32).reshape(-1, 4, 4)  # [group][v][column in the 4-byte group]
+    even = -32 * (groups[:, :, 0] + groups[:, :, 1]).sum(axis=1)
+    odd = -32 * (groups[:, :, 2] + groups[:, :, 3]).sum(axis=1)
+    want = (even.astype(np.int16).view(np.uint16).astype(np.uint32) |
+            (odd.astype(np.int16).view(np.uint16).astype(np.uint32) << 16)).view(np.int32)
+    np.testing.assert_array_equal(g, want)
+    assert g[0] == np.int32(np.uint32(np.uint16(np.int16(-32512))) * 0x10001)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        _core.Kernels(isa).q6k_offsets(q[:40])
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_quantize_row_q8_super_block_groups(isa):
     """group=256 (the K-quants' activations): one amax per 256 columns, d repeated per block."""
     rng = rng_for("actq256", isa)

@@ -179,6 +179,7 @@ struct Acts {
     std::vector<int8_t> q;
     std::vector<float> d;
     std::vector<int32_t> s;
+    std::vector<int32_t> g;  // ActQ8::g, as the backend fills it for Q6_K
     ActQ8 view;
 };
 
@@ -186,11 +187,14 @@ struct Acts {
 // scale per group columns (32; the K-quant kernels take kSuperBlock).
 Acts quantized_acts(int64_t T, int64_t k, int64_t group = kBlock) {
     const int64_t nb = k / kBlock;
-    Acts a{std::vector<int8_t>(T * k), std::vector<float>(T * nb), std::vector<int32_t>(T * nb), {}};
+    Acts a{std::vector<int8_t>(T * k), std::vector<float>(T * nb), std::vector<int32_t>(T * nb),
+           std::vector<int32_t>(T * 2 * nb), {}};
     const std::vector<float> x = randn(T * k, 3.0f);
-    for (int64_t t = 0; t < T; ++t)
+    for (int64_t t = 0; t < T; ++t) {
         ref.quantize_row_q8(x.data() + t * k, k, group, a.q.data() + t * k, a.d.data() + t * nb, a.s.data() + t * nb);
-    a.view = ActQ8{a.q.data(), a.d.data(), a.s.data(), k, nb, T};
+        ref.q6k_offsets(a.q.data() + t * k, nb, a.g.data() + t * 2 * nb);
+    }
+    a.view = ActQ8{a.q.data(), a.d.data(), a.s.data(), k, nb, T, a.g.data()};
     return a;
 }
 
@@ -540,6 +544,25 @@ Result check_quantize_row_q8() {
     return res;
 }
 
+Result check_q6k_offsets() {
+    Result res{"q6k_offsets", "bitwise vs scalar"};
+    for (int64_t nb : {1, 2, 3, 8, 24}) {
+        for (int rep = 0; rep < 8; ++rep) {
+            std::vector<int8_t> q(nb * kBlock);
+            for (int8_t& v : q) v = int8_t(std::lround(uniform(-127.0f, 127.0f)));
+            if (rep == 0) std::fill(q.begin(), q.end(), int8_t(127));  // the largest sums
+            if (rep == 1) std::fill(q.begin(), q.end(), int8_t(-127));
+            std::vector<int32_t> got(2 * nb), want(2 * nb);
+            simd.q6k_offsets(q.data(), nb, got.data());
+            ref.q6k_offsets(q.data(), nb, want.data());
+            for (int64_t i = 0; i < 2 * nb; ++i)
+                res.same_bits(uint32_t(got[i]), uint32_t(want[i]),
+                              [=] { return fmt("nb %lld rep %d: g[%lld]", (long long)nb, rep, (long long)i); });
+        }
+    }
+    return res;
+}
+
 // ---- element-wise kernels ----------------------------------------------------------------
 
 const int64_t kLengths[] = {1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 33, 100, 1000};
@@ -755,6 +778,7 @@ int main() {
         check_matmul_float<uint16_t>("matmul_f16", simd.matmul_f16, ref.matmul_f16),
         check_matmul_float<float>("matmul_f32", simd.matmul_f32, ref.matmul_f32),
         check_quantize_row_q8(),
+        check_q6k_offsets(),
         check_rmsnorm(),
         check_rope(),
         check_silu_mul(),
