@@ -89,15 +89,12 @@ static inline __m256i q4k_min_pairs(const Q4KRowBytes& rb, int p, int h) {
     return _mm256_shuffle_epi8(bcast16(rb.m[2 * p] + 16 * h), idx);
 }
 
-// Activation block sums (nb of them, nb % 8 == 0) as int16 pairs (s_2p, s_2p+1), one int32
-// per pair: the second operand of the min term's pmaddwd, four per super-block. |s| <= 32 *
-// 127 fits int16.
-static inline void q4k_row_sum_pairs(const int32_t* sums, int64_t nb, int32_t* pairs) {
-    for (int64_t b = 0; b < nb; b += 8) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sums + b));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(pairs + b / 2),
-                         _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
-    }
+// A super-block's 8 activation block sums as int16 pairs (s_2p, s_2p+1), one int32 per pair:
+// the second operands of its min term's four pmaddwd. |s| <= 32 * 127 fits int16.
+static inline void q4k_sum_pairs(const int32_t* sums, int32_t* pairs) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sums));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(pairs),
+                     _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
 }
 
 // acc + (d * da) * float(isd) - (dmin * da) * float(ism): the end of a Q4_K super-block.
@@ -108,10 +105,9 @@ static inline __m256 q4k_finish(__m256 acc, __m256 d, __m256 dmin, __m256 da, __
 
 // One token, NTL tiles (1 or 2) from tile t, both halves of each: one pass over their bytes,
 // each activation group broadcast once for all 16 * NTL rows.
-// pairs: q4k_row_sum_pairs of the token.
 template <int NTL>
 static void q4k_tiles_gemv(const uint8_t* quants, const uint8_t* scales, int64_t nsb, int64_t t, const ActQ8& a,
-                           const int32_t* pairs, float* out, int64_t n_rows, bool accumulate) {
+                           float* out, int64_t n_rows, bool accumulate) {
     // Row r's lane gets bytes (r, zero, r, zero); -1 selects zero.
     const __m256i pair_idx = _mm256_setr_epi8(0, -1, 0, -1, 1, -1, 1, -1, 2, -1, 2, -1, 3, -1, 3, -1,
                                               4, -1, 4, -1, 5, -1, 5, -1, 6, -1, 6, -1, 7, -1, 7, -1);
@@ -147,10 +143,12 @@ static void q4k_tiles_gemv(const uint8_t* quants, const uint8_t* scales, int64_t
             }
         }
         const __m256 da = _mm256_set1_ps(a.d[s * 8]);
+        alignas(16) int32_t sp[4];
+        q4k_sum_pairs(a.s + 8 * s, sp);
         for (int u = 0; u < NTL; ++u) {
             __m256i ism0 = _mm256_setzero_si256(), ism1 = _mm256_setzero_si256();
             for (int p = 0; p < 4; ++p) {
-                const __m256i sums = _mm256_set1_epi32(pairs[4 * s + p]);
+                const __m256i sums = _mm256_set1_epi32(sp[p]);
                 ism0 = _mm256_add_epi32(ism0, _mm256_madd_epi16(q4k_min_pairs(rb[u], p, 0), sums));
                 ism1 = _mm256_add_epi32(ism1, _mm256_madd_epi16(q4k_min_pairs(rb[u], p, 1), sums));
             }
@@ -193,7 +191,7 @@ static void q4k_tokens(const uint8_t* tq, const Q4KHalf* dec, int64_t nsb, const
                        __m256 (*acc)[NT]) {
     for (int64_t s = 0; s < nsb; ++s) {
         alignas(16) int32_t sp[NT][4];
-        for (int i = 0; i < NT; ++i) q4k_row_sum_pairs(a.s + (tok0 + i) * a.nb + 8 * s, 8, sp[i]);
+        for (int i = 0; i < NT; ++i) q4k_sum_pairs(a.s + (tok0 + i) * a.nb + 8 * s, sp[i]);
         const uint8_t* sq = tq + s * kQ4KTileQuants;
         for (int h = 0; h < nh; ++h) {
             const Q4KHalf& hs = dec[2 * s + h];
@@ -308,7 +306,7 @@ static inline void q6_tile_sub_dots(const uint8_t* sub, const int8_t* x, const i
 }
 
 static void q6k_tile_gemv(const uint8_t* quants, const uint8_t* scales, int64_t nsb, int64_t t, const ActQ8& a,
-                          const int32_t* offs, float* out, int64_t n_rows, bool accumulate) {
+                          float* out, int64_t n_rows, bool accumulate) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     for (int64_t s = 0; s < nsb; ++s) {
         const uint8_t* ts = scales + (t * nsb + s) * kQ6KTileScales;
@@ -318,7 +316,7 @@ static void q6k_tile_gemv(const uint8_t* quants, const uint8_t* scales, int64_t 
             const int64_t b = s * 8 + j;
             prefetch_ahead(tq + 384 * j, 384, kPrefetchBytesOneTile);
             __m256i d0, d1;
-            q6_tile_sub_dots(tq + 384 * j, a.q + b * kBlock, offs + 2 * b, ts + 32 + 16 * (2 * j),
+            q6_tile_sub_dots(tq + 384 * j, a.q + b * kBlock, a.g + 2 * b, ts + 32 + 16 * (2 * j),
                              ts + 32 + 16 * (2 * j + 1), &d0, &d1);
             isd0 = _mm256_add_epi32(isd0, d0);
             isd1 = _mm256_add_epi32(isd1, d1);
@@ -349,14 +347,14 @@ static inline void q6k_decode(const uint8_t* ts, Q6KHalf* out) {
 }
 
 // As q4k_tokens, for Q6_K: per 16-column group the int16 lanes start from the token's
-// -32 * sum(a) offsets (offs: ActQ8::g, a.nb * 2 per token) and widen
+// -32 * sum(a) offsets (ActQ8::g, a.nb * 2 per token) and widen
 // with the group's scale.
 template <int NT>
-static void q6k_tokens(const uint8_t* tq, const Q6KHalf* dec, int64_t nsb, const ActQ8& a, const int32_t* offs,
+static void q6k_tokens(const uint8_t* tq, const Q6KHalf* dec, int64_t nsb, const ActQ8& a,
                        int64_t tok0, int nh, __m256 (*acc)[NT]) {
     for (int64_t s = 0; s < nsb; ++s) {
         int32_t off[NT][16];  // the super-block's offsets, [token][2 * j + t]
-        for (int i = 0; i < NT; ++i) std::memcpy(off[i], offs + (tok0 + i) * 2 * a.nb + 16 * s, sizeof off[i]);
+        for (int i = 0; i < NT; ++i) std::memcpy(off[i], a.g + (tok0 + i) * 2 * a.nb + 16 * s, sizeof off[i]);
         const uint8_t* sq = tq + s * kQ6KTileQuants;
         for (int h = 0; h < nh; ++h) {
             const Q6KHalf& hs = dec[2 * s + h];
@@ -387,10 +385,9 @@ static void q6k_tokens(const uint8_t* tq, const Q6KHalf* dec, int64_t nsb, const
 
 // ---- dispatch ------------------------------------------------------------------------------
 
-// NT tokens from tok0 against tile t, the tile's scales already decoded into dec; offs (Q6_K):
-// ActQ8::g.
+// NT tokens from tok0 against tile t, the tile's scales already decoded into dec.
 template <int32_t kType, int NT, typename Half>
-static inline void tile_tokens(const uint8_t* w, const Half* dec, const int32_t* offs, int64_t nsb, int64_t t,
+static inline void tile_tokens(const uint8_t* w, const Half* dec, int64_t nsb, int64_t t,
                                const ActQ8& a, int64_t tok0, float* out, int64_t ldo, int64_t n_rows, bool accumulate) {
     const int64_t n0 = t * kTileRows;
     const int nh = n_rows - n0 > 8 ? 2 : 1;
@@ -399,7 +396,7 @@ static inline void tile_tokens(const uint8_t* w, const Half* dec, const int32_t*
         for (int i = 0; i < NT; ++i) acc[h][i] = _mm256_setzero_ps();
     const uint8_t* tq = w + t * nsb * k_tile_quant_bytes(kType);
     if constexpr (kType == kQ4_K) q4k_tokens<NT>(tq, dec, nsb, a, tok0, nh, acc);
-    else q6k_tokens<NT>(tq, dec, nsb, a, offs, tok0, nh, acc);
+    else q6k_tokens<NT>(tq, dec, nsb, a, tok0, nh, acc);
     for (int h = 0; h < nh; ++h)
         for (int i = 0; i < NT; ++i)
             store_rows8(out + (tok0 + i) * ldo + n0 + 8 * h, acc[h][i], n_rows - n0 - 8 * h, accumulate);
@@ -412,31 +409,19 @@ static inline void tile_tokens(const uint8_t* w, const Half* dec, const int32_t*
 template <int32_t kType>
 __attribute__((noinline)) static void gemv(const uint8_t* w, const uint8_t* scales, int64_t n_rows, int64_t nsb,
                                            int64_t tile0, int64_t tile1, const ActQ8& a, float* out, bool accumulate) {
-    // What the tiles need of the token besides q and d: Q6_K each 16-column group's start
-    // (ActQ8::g, once per call), Q4_K the block sums as int16 pairs, here, once per claim of
-    // tiles (k / 64 of them, on the stack up to k = 65536).
-    const size_t n_pairs = size_t(kType == kQ4_K ? a.nb / 2 : 0);
-    int32_t local[1024];
-    std::vector<int32_t> heap(n_pairs > 1024 ? n_pairs : 0);
-    const int32_t* acts = a.g;
-    if constexpr (kType == kQ4_K) {
-        int32_t* pairs = n_pairs > 1024 ? heap.data() : local;
-        q4k_row_sum_pairs(a.s, a.nb, pairs);
-        acts = pairs;
-    }
     for (int64_t t = tile0; t < tile1; ++t) {
         if constexpr (kType == kQ4_K) {
             if (t + 1 < tile1) {
-                q4k_tiles_gemv<2>(w, scales, nsb, t, a, acts, out, n_rows, accumulate);
+                q4k_tiles_gemv<2>(w, scales, nsb, t, a, out, n_rows, accumulate);
                 ++t;
             } else {
-                q4k_tiles_gemv<1>(w, scales, nsb, t, a, acts, out, n_rows, accumulate);
+                q4k_tiles_gemv<1>(w, scales, nsb, t, a, out, n_rows, accumulate);
             }
         } else {
             // One tile per pass: Q6_K's working set (six weight vectors per activation group)
             // leaves no registers for a second tile; two measured no faster in L2 and 3%
             // slower from memory.
-            q6k_tile_gemv(w, scales, nsb, t, a, acts, out, n_rows, accumulate);
+            q6k_tile_gemv(w, scales, nsb, t, a, out, n_rows, accumulate);
         }
     }
 }
@@ -454,8 +439,8 @@ __attribute__((noinline)) static void batched(const uint8_t* w, const uint8_t* s
             else q6k_decode(ts, &dec[size_t(2 * s)]);
         }
         int64_t tok = 0;
-        for (; tok + 4 <= a.T; tok += 4) tile_tokens<kType, 4>(w, dec.data(), a.g, nsb, t, a, tok, out, ldo, n_rows, accumulate);
-        for (; tok < a.T; ++tok) tile_tokens<kType, 1>(w, dec.data(), a.g, nsb, t, a, tok, out, ldo, n_rows, accumulate);
+        for (; tok + 4 <= a.T; tok += 4) tile_tokens<kType, 4>(w, dec.data(), nsb, t, a, tok, out, ldo, n_rows, accumulate);
+        for (; tok < a.T; ++tok) tile_tokens<kType, 1>(w, dec.data(), nsb, t, a, tok, out, ldo, n_rows, accumulate);
     }
 }
 
