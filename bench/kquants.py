@@ -5,10 +5,10 @@ side by side in one run (the machine is shared: compare only figures from the sa
 Each format multiplies the same random weights: a set of matrices larger than the last-level
 cache ("dram", what token generation sees) and one matrix that stays in the core's L2 cache
 ("cache", the kernel's compute speed), of the same size in bytes for every format (rows in
-inverse proportion to bits per weight), so that no format is measured partly from L3. Repetitions are interleaved across formats; each repetition takes a
-format's fastest pass over 0.1 s of passes; each format's best is printed, and its speed per
-byte against q4_0 as the median, over repetitions, of its rate over q4_0's in the same
-repetition.
+inverse proportion to bits per weight), so that no format is measured partly from L3.
+Repetitions are interleaved across formats; each repetition takes a format's fastest pass
+over 0.1 s of passes; each format's best is printed, and its speed per byte against q4_0 as
+the median, over repetitions, of its rate over q4_0's in the same repetition.
 
     python bench/kquants.py [--threads 1] [--tokens 1] [--rows 4096] [--cols 4096] [--reps 15]
                             [--cache-kib 384] [--isa auto] [--json]
