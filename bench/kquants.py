@@ -6,9 +6,10 @@ Each format multiplies the same random weights: a set of matrices larger than th
 cache ("dram", what token generation sees) and one matrix that stays in the core's L2 cache
 ("cache", the kernel's compute speed), of the same size in bytes for every format (rows in
 inverse proportion to bits per weight), so that no format is measured partly from L3.
-Repetitions are interleaved across formats; each repetition takes a format's fastest pass
-over 0.1 s of passes; each format's best is printed, and its speed per byte against q4_0 as
-the median, over repetitions, of its rate over q4_0's in the same repetition.
+Repetitions are interleaved across formats, each starting from a different one; each
+repetition takes a format's fastest pass over 0.1 s of passes; each format's best is printed,
+and its speed per byte against q4_0 as the median, over repetitions, of its rate over q4_0's
+in the same repetition. Buffers start on a page, as a mapped model file's tensors do.
 
     python bench/kquants.py [--threads 1] [--tokens 1] [--rows 4096] [--cols 4096] [--reps 15]
                             [--cache-kib 384] [--isa auto] [--json]
@@ -28,6 +29,18 @@ FORMATS = {"q4_0": _core.Q4_0, "q4_1": _core.Q4_1, "q8_0": _core.Q8_0, "q4_k": _
 _BLOCK32 = {_core.Q4_0: (256, 16), _core.Q4_1: (256, 32), _core.Q8_0: (512, 16)}  # quant bytes, fp16 scales
 
 
+def page_aligned(src: np.ndarray) -> np.ndarray:
+    """A copy of src's bytes starting on a page boundary, as a tensor of a mapped model file is
+    (64-byte aligned offsets in a page-aligned map). A plain numpy buffer starts 16 bytes past a
+    cache line, which splits every other 32-byte load across two lines and measures a case the
+    engine never sees."""
+    raw = np.empty(src.nbytes + 4096, np.uint8)
+    start = -raw.ctypes.data % 4096
+    out = raw[start:start + src.nbytes]
+    out[:] = src.view(np.uint8).reshape(-1)
+    return out
+
+
 def make_matrix(dt: int, w: np.ndarray):
     rows, cols = w.shape
     if dt in (_core.Q4_K, _core.Q6_K):
@@ -39,6 +52,7 @@ def make_matrix(dt: int, w: np.ndarray):
         q, s = np.zeros(blocks * qb, np.uint8), np.zeros(blocks * sb, np.uint16)
         _core.quantize_tiles(dt, w, q, s)
         buf = np.concatenate([q, s.view(np.uint8)])
+    buf = page_aligned(buf)
     return _core.Matrix(buf, 0, dt, rows, cols), buf
 
 
@@ -88,15 +102,17 @@ def main():
         copies = max(1, a.dram_mib * 2**20 // one[1].nbytes)
         # Copies of the bytes, so that each pass streams them from memory (a Matrix keeps its
         # buffer alive).
-        dram = [one] + [(_core.Matrix(b, 0, dt, a.rows, a.cols), b) for b in (np.copy(one[1]) for _ in range(copies - 1))]
+        dram = [one] + [(_core.Matrix(b, 0, dt, a.rows, a.cols), b) for b in (page_aligned(one[1]) for _ in range(copies - 1))]
         # About 384 KiB of weights: in a 512 KiB L2 with room for the activations and outputs.
         cache_rows = max(16, int(a.cache_kib * 1024 * a.rows / one[1].nbytes) // 16 * 16)
         cases[name] = {"dram": dram, "cache": [make_matrix(dt, w[:cache_rows])]}
     best = {(n, k): 0.0 for n in names for k in ("dram", "cache")}
     ratios = {(n, k): [] for n in names for k in ("dram", "cache")}
-    for _ in range(a.reps):
+    for rep in range(a.reps):
+        # Each repetition starts from a different format, so that none always runs first.
+        order = names[rep % len(names):] + names[:rep % len(names)]
         for kind in ("dram", "cache"):
-            got = {name: rate(backend, cases[name][kind], x) for name in names}
+            got = {name: rate(backend, cases[name][kind], x) for name in order}
             for name, r in got.items():
                 best[(name, kind)] = max(best[(name, kind)], r)
                 if "q4_0" in got:

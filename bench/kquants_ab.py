@@ -47,7 +47,8 @@ def worker(tree: str, formats: list, regime: str, tokens: int, core: int):
         ms = [(m, buf)]
         if regime == "dram":
             copies = 128 * 2**20 // buf.nbytes
-            ms += [(_core.Matrix(b, 0, kquants.FORMATS[f], rows, cols), b) for b in (buf.copy() for _ in range(copies - 1))]
+            ms += [(_core.Matrix(b, 0, kquants.FORMATS[f], rows, cols), b)
+                   for b in (kquants.page_aligned(buf) for _ in range(copies - 1))]
         mats[f] = ms
     print("ready", flush=True)
     passes = 12 if regime == "l2" else 3

@@ -1,0 +1,51 @@
+"""The benchmark scripts still run and report what they promise, on tiny sizes (the figures
+themselves are bench/README.md's business, not a test's)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+BENCH = REPO / "bench"
+
+
+def run_json(*args) -> dict:
+    out = subprocess.run([sys.executable, *map(str, args), "--json"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_kquants_reports_every_format_against_q4_0():
+    got = run_json(BENCH / "kquants.py", "--rows", 64, "--cols", 512, "--dram-mib", 1, "--cache-kib", 16,
+                   "--reps", 2, "--formats", "q4_0,q4_k,q6_k,q8_0")
+    for f in ("q4_0", "q4_k", "q6_k", "q8_0"):
+        for case in ("dram", "cache"):
+            assert got[f"{f}_{case}_gbps"] > 0
+            assert got[f"{f}_{case}_vs_q4_0"] > 0
+    assert got["q4_0_dram_vs_q4_0"] == pytest.approx(1.0)
+
+
+def test_kquants_buffers_start_on_a_page_like_a_mapped_tensor():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import kquants
+    finally:
+        sys.path.remove(str(BENCH))
+    src = np.arange(5000, dtype=np.uint32)
+    out = kquants.page_aligned(src)
+    assert out.ctypes.data % 4096 == 0
+    assert out.tobytes() == src.tobytes()
+    for name in ("q4_0", "q4_k"):
+        _, buf = kquants.make_matrix(kquants.FORMATS[name], np.ones((16, 256), np.float32))
+        assert buf.ctypes.data % 4096 == 0
+
+
+def test_bandwidth_reports_a_rate():
+    got = run_json(BENCH / "bandwidth.py", "--mib", 8, "--reps", 2)
+    assert got["gbps"] >= got["median_gbps"] > 0
