@@ -112,7 +112,7 @@ static inline void tiles_gemv(const uint8_t* quants, const uint16_t* scales, int
         const uint8_t* q[NTL];
         for (int u = 0; u < NTL; ++u) {
             q[u] = quants + ((t + u) * nb + b) * qbytes;
-            prefetch_ahead(q[u], qbytes);
+            prefetch_ahead_in_pass(q[u], qbytes, quants + (t + u + 1) * nb * qbytes, (NTL - 1) * nb * qbytes);
         }
         __m256i d[NTL][2];
         if (kType == kQ8_0) {

@@ -131,12 +131,15 @@ static void q4k_tiles_gemv(const uint8_t* quants, const uint8_t* scales, int64_t
             const uint8_t* q[NTL];
             for (int u = 0; u < NTL; ++u) {
                 q[u] = tq[u] + 256 * j;
-                prefetch_ahead(q[u], 256);
+                prefetch_ahead_in_pass(q[u], 256, quants + (t + u + 1) * nsb * kQ4KTileQuants,
+                                       (NTL - 1) * nsb * kQ4KTileQuants);
                 // The scales two super-blocks on, a line per sub-block: all of a super-block's
                 // work waits on its scales, read in a burst at its start, and without this Q4_K
                 // read 3-5% slower from memory (bench/kquants_ab.py --regime dram). Q4_0, which
                 // meets its scales a line every two blocks, gains nothing from the same.
-                if (j < kQ4KTileScales / 64) __builtin_prefetch(ts[u] + 2 * kQ4KTileScales + 64 * j);
+                if (j < kQ4KTileScales / 64)
+                    prefetch_ahead_in_pass(ts[u] + 64 * j, 64, scales + (t + u + 1) * nsb * kQ4KTileScales,
+                                           (NTL - 1) * nsb * kQ4KTileScales, 2 * kQ4KTileScales);
             }
             __m256i sum[NTL][2];
             q4_tiles_nibble_sums<NTL>(q, x, sum);
