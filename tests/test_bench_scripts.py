@@ -49,3 +49,11 @@ def test_kquants_buffers_start_on_a_page_like_a_mapped_tensor():
 def test_bandwidth_reports_a_rate():
     got = run_json(BENCH / "bandwidth.py", "--mib", 8, "--reps", 2)
     assert got["gbps"] >= got["median_gbps"] > 0
+
+
+def test_models_ab_compares_files_per_byte(stories_models):
+    got = run_json(BENCH / "models_ab.py", stories_models["q4_0"], stories_models["q8_0"], "--rounds", 2)
+    assert [o["model"] for o in got] == [str(stories_models["q4_0"]), str(stories_models["q8_0"])]
+    assert got[0]["vs_first"] == pytest.approx(1.0)
+    assert got[1]["weight_mib"] > got[0]["weight_mib"] > 0  # the same matrices in more bytes
+    assert all(o["best_gbps"] >= o["median_gbps"] > 0 for o in got)
