@@ -13,12 +13,6 @@ namespace llamacpu {
 
 constexpr int64_t kPrefetchBytes = 1024;
 
-// Q6_K's AVX2 pass streams one tile at a time (two tiles spill its registers), where the
-// block-32 types and Q4_K stream two: asking for its bytes further ahead keeps more in flight
-// (+3-5% GB/s from memory on one core here, bench/kquants_ab.py --regime dram; 1280 and 1792
-// gained less, 2304 nothing, and Q4_K gained nothing from any distance but 1024).
-constexpr int64_t kPrefetchBytesOneTile = 1536;
-
 // n: the bytes at p the caller is about to use, a multiple of 64; ahead: how far ahead of them.
 static inline void prefetch_ahead(const uint8_t* p, int64_t n, int64_t ahead = kPrefetchBytes) {
     for (int64_t l = 0; l < n; l += 64) __builtin_prefetch(p + ahead + l);
