@@ -134,9 +134,8 @@ static void q4k_tiles_gemv(const uint8_t* quants, const uint8_t* scales, int64_t
                 prefetch_ahead_in_pass(q[u], 256, quants + (t + u + 1) * nsb * kQ4KTileQuants,
                                        (NTL - 1) * nsb * kQ4KTileQuants);
                 // The scales two super-blocks on, a line per sub-block: all of a super-block's
-                // work waits on its scales, read in a burst at its start, and without this Q4_K
-                // read 3-5% slower from memory (bench/kquants_ab.py --regime dram). Q4_0, which
-                // meets its scales a line every two blocks, gains nothing from the same.
+                // work waits on its scales, read in a burst at its start (+3-5% from memory on
+                // one core, bench/kquants_ab.py --regime dram).
                 if (j < kQ4KTileScales / 64)
                     prefetch_ahead_in_pass(ts[u] + 64 * j, 64, scales + (t + u + 1) * nsb * kQ4KTileScales,
                                            (NTL - 1) * nsb * kQ4KTileScales, 2 * kQ4KTileScales);
