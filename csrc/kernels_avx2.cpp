@@ -114,13 +114,13 @@ static inline void tiles_gemv(const uint8_t* quants, const uint16_t* scales, int
         const uint8_t* q[NTL];
         for (int u = 0; u < NTL; ++u) {
             q[u] = quants + ((t + u) * nb + b) * qbytes;
-            prefetch_ahead_in_pass(q[u], qbytes, quants + (t + u + 1) * nb * qbytes, (NTL - 1) * nb * qbytes);
+            prefetch_ahead_in_pass(q[u], qbytes, quants, nb * qbytes, t + u, NTL);
             // The scales too, 512 bytes ahead in the pass's order: where a pass moves on to its
             // next tiles the hardware prefetcher starts their scale streams from memory (one
             // core from memory: Q4_0 +5% at 4096 columns, +13% at 2048; Q4_1 +5% / +7%; Q8_0,
             // one tile per pass and 6% of its bytes in scales, level).
-            prefetch_ahead_in_pass(scale_bytes + ((t + u) * nb + b) * sbytes, 64,
-                                   scale_bytes + (t + u + 1) * nb * sbytes, (NTL - 1) * nb * sbytes, 512);
+            prefetch_ahead_in_pass(scale_bytes + ((t + u) * nb + b) * sbytes, 64, scale_bytes, nb * sbytes, t + u, NTL,
+                                   512);
         }
         __m256i d[NTL][2];
         if (kType == kQ8_0) {

@@ -133,14 +133,13 @@ static void q4k_tiles_gemv(const uint8_t* quants, const uint8_t* scales, int64_t
             const uint8_t* q[NTL];
             for (int u = 0; u < NTL; ++u) {
                 q[u] = tq[u] + 256 * j;
-                prefetch_ahead_in_pass(q[u], 256, quants + (t + u + 1) * nsb * kQ4KTileQuants,
-                                       (NTL - 1) * nsb * kQ4KTileQuants);
+                prefetch_ahead_in_pass(q[u], 256, quants, nsb * kQ4KTileQuants, t + u, NTL);
                 // The scales two super-blocks on, a line per sub-block: all of a super-block's
                 // work waits on its scales, read in a burst at its start (+3-5% from memory on
                 // one core, bench/kquants_ab.py --regime dram).
                 if (j < kQ4KTileScales / 64)
-                    prefetch_ahead_in_pass(ts[u] + 64 * j, 64, scales + (t + u + 1) * nsb * kQ4KTileScales,
-                                           (NTL - 1) * nsb * kQ4KTileScales, 2 * kQ4KTileScales);
+                    prefetch_ahead_in_pass(ts[u] + 64 * j, 64, scales, nsb * kQ4KTileScales, t + u, NTL,
+                                           2 * kQ4KTileScales);
             }
             __m256i sum[NTL][2];
             q4_tiles_nibble_sums<NTL>(q, x, sum);
@@ -325,27 +324,30 @@ static void q6k_tiles_gemv(const uint8_t* quants, const uint8_t* scales, int64_t
     __m256 acc[NTL][2];
     for (int u = 0; u < NTL; ++u) acc[u][0] = acc[u][1] = _mm256_setzero_ps();
     for (int64_t s = 0; s < nsb; ++s) {
+        const uint8_t* ts[NTL];
+        const uint8_t* tq[NTL];
         __m256i isd[NTL][2];
-        for (int u = 0; u < NTL; ++u) isd[u][0] = isd[u][1] = _mm256_setzero_si256();
+        for (int u = 0; u < NTL; ++u) {
+            ts[u] = scales + ((t + u) * nsb + s) * kQ6KTileScales;
+            tq[u] = quants + ((t + u) * nsb + s) * kQ6KTileQuants;
+            isd[u][0] = isd[u][1] = _mm256_setzero_si256();
+        }
         for (int j = 0; j < 8; ++j) {
             const int64_t b = s * 8 + j;
             for (int u = 0; u < NTL; ++u) {
-                const uint8_t* ts = scales + ((t + u) * nsb + s) * kQ6KTileScales;
-                const uint8_t* sub = quants + ((t + u) * nsb + s) * kQ6KTileQuants + 384 * j;
-                prefetch_ahead_in_pass(sub, 384, quants + (t + u + 1) * nsb * kQ6KTileQuants,
-                                       (NTL - 1) * nsb * kQ6KTileQuants);
+                const uint8_t* sub = tq[u] + 384 * j;
+                prefetch_ahead_in_pass(sub, 384, quants, nsb * kQ6KTileQuants, t + u, NTL);
                 __m256i d0, d1;
-                q6_tile_sub_dots(sub, a.q + b * kBlock, a.g + 2 * b, ts + 32 + 16 * (2 * j),
-                                 ts + 32 + 16 * (2 * j + 1), &d0, &d1);
+                q6_tile_sub_dots(sub, a.q + b * kBlock, a.g + 2 * b, ts[u] + 32 + 16 * (2 * j),
+                                 ts[u] + 32 + 16 * (2 * j + 1), &d0, &d1);
                 isd[u][0] = _mm256_add_epi32(isd[u][0], d0);
                 isd[u][1] = _mm256_add_epi32(isd[u][1], d1);
             }
         }
         const __m256 da = _mm256_set1_ps(a.d[s * 8]);
         for (int u = 0; u < NTL; ++u) {
-            const uint8_t* ts = scales + ((t + u) * nsb + s) * kQ6KTileScales;
-            acc[u][0] = _mm256_fmadd_ps(_mm256_mul_ps(load8_f16(ts), da), _mm256_cvtepi32_ps(isd[u][0]), acc[u][0]);
-            acc[u][1] = _mm256_fmadd_ps(_mm256_mul_ps(load8_f16(ts + 16), da), _mm256_cvtepi32_ps(isd[u][1]), acc[u][1]);
+            acc[u][0] = _mm256_fmadd_ps(_mm256_mul_ps(load8_f16(ts[u]), da), _mm256_cvtepi32_ps(isd[u][0]), acc[u][0]);
+            acc[u][1] = _mm256_fmadd_ps(_mm256_mul_ps(load8_f16(ts[u] + 16), da), _mm256_cvtepi32_ps(isd[u][1]), acc[u][1]);
         }
     }
     for (int u = 0; u < NTL; ++u) {

@@ -13,22 +13,22 @@ namespace llamacpu {
 
 constexpr int64_t kPrefetchBytes = 1024;
 
-// n: the bytes at p the caller is about to use, a multiple of 64; ahead: how far ahead of them.
-static inline void prefetch_ahead(const uint8_t* p, int64_t n, int64_t ahead = kPrefetchBytes) {
-    for (int64_t l = 0; l < n; l += 64) __builtin_prefetch(p + ahead + l);
+// n: the bytes at p the caller is about to use, a multiple of 64.
+static inline void prefetch_ahead(const uint8_t* p, int64_t n) {
+    for (int64_t l = 0; l < n; l += 64) __builtin_prefetch(p + kPrefetchBytes + l);
 }
 
-// The same for a pass over several tiles side by side, one stream per tile: past the end of
-// its tile a stream goes on in the tile as many on as the pass has (the next pass's stream),
-// not in the next tile, which this pass is reading already. Asking for the next tile instead
-// left every pass but the first to start one stream from memory: one core read Q4_0 5-7% and
-// Q4_K 6-12% slower from memory at 4096 columns, and 9% / 20% slower at 2048, where a tile is
-// shorter (bench/kquants_ab.py --regime dram). tile_end: the end of p's tile; skip: the bytes
-// of the pass's other tiles. n and ahead must not straddle a tile's end.
-static inline void prefetch_ahead_in_pass(const uint8_t* p, int64_t n, const uint8_t* tile_end, int64_t skip,
-                                          int64_t ahead = kPrefetchBytes) {
+// The same for a pass over ntl tiles side by side (tiles of tile_bytes each from base, p in
+// tile `tile`), one stream per tile: past the end of its tile a stream goes on in the tile ntl
+// on (the next pass's stream), not in the next tile, which this pass is reading already.
+// Asking for the next tile instead left every pass but the first to start one stream from
+// memory: one core read Q4_0 5-7% and Q4_K 6-12% slower from memory at 4096 columns, and 9% /
+// 20% slower at 2048, where a tile is shorter (bench/kquants_ab.py --regime dram). n and
+// ahead must not straddle a tile's end.
+static inline void prefetch_ahead_in_pass(const uint8_t* p, int64_t n, const uint8_t* base, int64_t tile_bytes,
+                                          int64_t tile, int ntl, int64_t ahead = kPrefetchBytes) {
     const uint8_t* a = p + ahead;
-    if (a >= tile_end) a += skip;
+    if (a >= base + (tile + 1) * tile_bytes) a += (ntl - 1) * tile_bytes;
     for (int64_t l = 0; l < n; l += 64) __builtin_prefetch(a + l);
 }
 
