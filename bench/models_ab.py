@@ -19,17 +19,13 @@ import time
 import numpy as np
 
 from llamacpu import _core
+from llamacpu.bench import weight_bytes_per_token
 from llamacpu.llama import Llama
 
 
-def matrix_bytes(w) -> int:
-    if w.parts:  # row segments of different types
-        return sum(_core.matrix_bytes(dt, rows, w.cols) for rows, dt in w.parts)
-    return _core.matrix_bytes(w.dtype, w.rows, w.cols)
-
-
 def token_matmuls(path: str, threads: int):
-    """(llm, plan, bytes): a recorded plan of every weight matmul of one token, and their bytes."""
+    """(llm, plan, bytes): a recorded plan of every weight matmul of one token, and the bytes
+    of weights a token reads as `llamacpu bench` counts them (the norms' few KiB included)."""
     llm = Llama(path, n_ctx=64, n_threads=threads, seed=0)
     m = llm._model
     mats = [w for layer in m.layers for w in (layer.wqkv, layer.wo, layer.w13, layer.w2)] + [m.output]
@@ -41,7 +37,7 @@ def token_matmuls(path: str, threads: int):
     finally:
         m.backend.stop()
     m.backend.run(plan)  # warm: pages mapped, threads started
-    return llm, plan, sum(matrix_bytes(w) for w in mats)
+    return llm, plan, weight_bytes_per_token(llm)
 
 
 def main():
