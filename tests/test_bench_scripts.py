@@ -51,6 +51,22 @@ def test_bandwidth_reports_a_rate():
     assert got["gbps"] >= got["median_gbps"] > 0
 
 
+@pytest.mark.parametrize("words", [0, 1, 7, 31, 32, 33, 1000, (1 << 17) + 45, 3 * (1 << 17) + 8 * 4 * 3 + 5])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bandwidth_probe_reads_every_word(words, threads):
+    # Chunk and stream boundaries, tails shorter than a stream's step, several chunks per
+    # thread: a probe that skipped bytes would report a bandwidth it never reached.
+    from llamacpu import _core
+
+    rng = np.random.default_rng(words)
+    buf = rng.integers(0, 2**63, size=words, dtype=np.uint64)
+    want = int(np.bitwise_xor.reduce(buf)) if words else 0
+    assert _core.read_xor(buf, threads) == want
+    # A byte past the last whole word is not a word: the probe ignores it.
+    extra = np.concatenate([buf.view(np.uint8), np.array([0xAB], np.uint8)])
+    assert _core.read_xor(extra, threads) == want
+
+
 def test_models_ab_compares_files_per_byte(stories_models):
     got = run_json(BENCH / "models_ab.py", stories_models["q4_0"], stories_models["q8_0"], "--rounds", 2)
     assert [o["model"] for o in got] == [str(stories_models["q4_0"]), str(stories_models["q8_0"])]
