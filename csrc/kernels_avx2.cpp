@@ -94,13 +94,13 @@ static inline void tile_half(const uint8_t* quants, const uint16_t* scales, int6
         store_rows8(out + (tok0 + i) * ldo + t * kTileRows + h * 8, acc[i], row_valid, accumulate);
 }
 
-// Single token, NTL tiles (1 or 2) from tile t: both halves of each in one pass over the
-// blocks. Two tiles per pass share each activation broadcast and keep two streams of weights
-// in flight: Q4_0 and Q4_1 about 8% faster in cache than one tile per pass (four tiles spill).
-// Q8_0, with no nibbles to unpack, measured the same with two, so it keeps one. Per row the
-// arithmetic is the one-tile path's.
+// Single token, NTL tiles (1 or 2), tiles t and t + dt (prefetch.h, for_tile_pairs): both
+// halves of each in one pass over the blocks. Two tiles per pass share each activation
+// broadcast and keep two streams of weights in flight: Q4_0 and Q4_1 about 8% faster in cache
+// than one tile per pass (four tiles spill). Q8_0, with no nibbles to unpack, measured the
+// same with two, so it keeps one. Per row the arithmetic is the one-tile path's.
 template <int kType, int NTL>
-static inline void tiles_gemv(const uint8_t* quants, const uint16_t* scales, int64_t nb, int64_t t,
+static inline void tiles_gemv(const uint8_t* quants, const uint16_t* scales, int64_t nb, int64_t t, int64_t dt,
                               const ActQ8& a, float* out, int64_t n_rows, bool accumulate) {
     constexpr int64_t qbytes = kType == kQ8_0 ? kQ8TileBlockQuants : kQ4TileBlockQuants;
     constexpr int64_t sstride = kType == kQ4_1 ? 2 * kTileRows : kTileRows;
@@ -113,14 +113,12 @@ static inline void tiles_gemv(const uint8_t* quants, const uint16_t* scales, int
         const int8_t* x = a.q + b * kBlock;
         const uint8_t* q[NTL];
         for (int u = 0; u < NTL; ++u) {
-            q[u] = quants + ((t + u) * nb + b) * qbytes;
-            prefetch_ahead_in_pass(q[u], qbytes, quants, nb * qbytes, t + u, NTL);
-            // The scales too, 512 bytes ahead in the pass's order: where a pass moves on to its
-            // next tiles the hardware prefetcher starts their scale streams from memory (one
-            // core from memory: Q4_0 +5% at 4096 columns, +13% at 2048; Q4_1 +5% / +7%; Q8_0,
-            // one tile per pass and 6% of its bytes in scales, level).
-            prefetch_ahead_in_pass(scale_bytes + ((t + u) * nb + b) * sbytes, 64, scale_bytes, nb * sbytes, t + u, NTL,
-                                   512);
+            q[u] = quants + ((t + u * dt) * nb + b) * qbytes;
+            prefetch_ahead(q[u], qbytes);
+            // The scales too, 512 bytes ahead (one core from memory, measured when the passes
+            // paired neighbouring tiles: Q4_0 +5% at 4096 columns, +13% at 2048; Q4_1 +5% /
+            // +7%; Q8_0, one tile per pass and 6% of its bytes in scales, level).
+            __builtin_prefetch(scale_bytes + ((t + u * dt) * nb + b) * sbytes + 512);
         }
         __m256i d[NTL][2];
         if (kType == kQ8_0) {
@@ -143,7 +141,7 @@ static inline void tiles_gemv(const uint8_t* quants, const uint16_t* scales, int
         }
         const __m256 da = _mm256_set1_ps(a.d[b]);
         for (int u = 0; u < NTL; ++u) {
-            const uint16_t* sp = scales + ((t + u) * nb + b) * sstride;
+            const uint16_t* sp = scales + ((t + u * dt) * nb + b) * sstride;
             for (int h = 0; h < 2; ++h) {
                 const __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sp + 8 * h)));
                 acc[u][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[u][h]), _mm256_mul_ps(sc, da), acc[u][h]);
@@ -158,7 +156,7 @@ static inline void tiles_gemv(const uint8_t* quants, const uint16_t* scales, int
         }
     }
     for (int u = 0; u < NTL; ++u) {
-        const int64_t n0 = (t + u) * kTileRows;
+        const int64_t n0 = (t + u * dt) * kTileRows;
         store_rows8(out + n0, acc[u][0], n_rows - n0, accumulate);
         store_rows8(out + n0 + 8, acc[u][1], n_rows - n0 - 8, accumulate);
     }
@@ -169,16 +167,18 @@ static void matmul_q(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0,
                      const ActQ8& a, float* out, int64_t ldo, bool accumulate) {
     const int64_t nb = k / kBlock;
     const uint16_t* scales = tile_scales(w, n_tiles(n_rows), nb, tile_block_quant_bytes(kType));
-    for (int64_t t = tile0; t < tile1; ++t) {
-        if (a.T == 1) {
-            if (kType != kQ8_0 && t + 1 < tile1) {
-                tiles_gemv<kType, 2>(w, scales, nb, t, a, out, n_rows, accumulate);
-                ++t;
-            } else {
-                tiles_gemv<kType, 1>(w, scales, nb, t, a, out, n_rows, accumulate);
-            }
-            continue;
+    if (a.T == 1) {
+        if (kType == kQ8_0) {
+            for (int64_t t = tile0; t < tile1; ++t) tiles_gemv<kType, 1>(w, scales, nb, t, 1, a, out, n_rows, accumulate);
+        } else {
+            for_tile_pairs(tile0, tile1, [&](int64_t t, int64_t dt, bool two) {
+                if (two) tiles_gemv<kType, 2>(w, scales, nb, t, dt, a, out, n_rows, accumulate);
+                else tiles_gemv<kType, 1>(w, scales, nb, t, dt, a, out, n_rows, accumulate);
+            });
         }
+        return;
+    }
+    for (int64_t t = tile0; t < tile1; ++t) {
         for (int h = 0; h < 2; ++h) {
             const int64_t valid = n_rows - (t * kTileRows + h * 8);
             if (valid <= 0) break;

@@ -103,10 +103,11 @@ static inline __m256 q4k_finish(__m256 acc, __m256 d, __m256 dmin, __m256 da, __
     return _mm256_fnmadd_ps(_mm256_mul_ps(dmin, da), _mm256_cvtepi32_ps(ism), acc);
 }
 
-// One token, NTL tiles (1 or 2) from tile t, both halves of each: one pass over their bytes,
-// each activation group broadcast once for all 16 * NTL rows.
+// One token, NTL tiles (1 or 2), tiles t and t + dt (prefetch.h, for_tile_pairs), both
+// halves of each: one pass over their bytes, each activation group broadcast once for all
+// 16 * NTL rows.
 template <int NTL>
-static void q4k_tiles_gemv(const uint8_t* quants, const uint8_t* scales, int64_t nsb, int64_t t, const ActQ8& a,
+__attribute__((noinline)) static void q4k_tiles_gemv(const uint8_t* quants, const uint8_t* scales, int64_t nsb, int64_t t, int64_t dt, const ActQ8& a,
                            float* out, int64_t n_rows, bool accumulate) {
     // Row r's lane gets bytes (r, zero, r, zero); -1 selects zero.
     const __m256i pair_idx = _mm256_setr_epi8(0, -1, 0, -1, 1, -1, 1, -1, 2, -1, 2, -1, 3, -1, 3, -1,
@@ -120,8 +121,8 @@ static void q4k_tiles_gemv(const uint8_t* quants, const uint8_t* scales, int64_t
         const uint8_t* ts[NTL];
         const uint8_t* tq[NTL];
         for (int u = 0; u < NTL; ++u) {
-            ts[u] = scales + ((t + u) * nsb + s) * kQ4KTileScales;
-            tq[u] = quants + ((t + u) * nsb + s) * kQ4KTileQuants;
+            ts[u] = scales + ((t + u * dt) * nsb + s) * kQ4KTileScales;
+            tq[u] = quants + ((t + u * dt) * nsb + s) * kQ4KTileQuants;
             q4k_unpack_scales(ts[u] + 64, &rb[u]);
         }
         __m256i isd[NTL][2], ism[NTL][2];
@@ -133,13 +134,12 @@ static void q4k_tiles_gemv(const uint8_t* quants, const uint8_t* scales, int64_t
             const uint8_t* q[NTL];
             for (int u = 0; u < NTL; ++u) {
                 q[u] = tq[u] + 256 * j;
-                prefetch_ahead_in_pass(q[u], 256, quants, nsb * kQ4KTileQuants, t + u, NTL);
+                prefetch_ahead(q[u], 256);
                 // The scales two super-blocks on, a line per sub-block: all of a super-block's
                 // work waits on its scales, read in a burst at its start (+3-5% from memory on
                 // one core, bench/kquants_ab.py --regime dram).
                 if (j < kQ4KTileScales / 64)
-                    prefetch_ahead_in_pass(ts[u] + 64 * j, 64, scales, nsb * kQ4KTileScales, t + u, NTL,
-                                           2 * kQ4KTileScales);
+                    __builtin_prefetch(ts[u] + 64 * j + 2 * kQ4KTileScales);
             }
             __m256i sum[NTL][2];
             q4_tiles_nibble_sums<NTL>(q, x, sum);
@@ -165,7 +165,7 @@ static void q4k_tiles_gemv(const uint8_t* quants, const uint8_t* scales, int64_t
         }
     }
     for (int u = 0; u < NTL; ++u) {
-        const int64_t n0 = (t + u) * kTileRows;
+        const int64_t n0 = (t + u * dt) * kTileRows;
         store_rows8(out + n0, acc[u][0], n_rows - n0, accumulate);
         store_rows8(out + n0 + 8, acc[u][1], n_rows - n0 - 8, accumulate);
     }
@@ -313,13 +313,14 @@ static inline void q6_tile_sub_dots(const uint8_t* sub, const int8_t* x, const i
     *d1 = _mm256_add_epi32(widen(sum[0][1], sc_lo, idx1), widen(sum[1][1], sc_hi, idx1));
 }
 
-// One token, NTL tiles (1 or 2) from tile t, one after the other per sub-block: a tile's
-// working set (six weight vectors per activation group) leaves no registers to share the
-// broadcasts with a second tile, but two weight streams in flight read memory faster than
+// One token, NTL tiles (1 or 2), tiles t and t + dt, one after the other per sub-block: a
+// tile's working set (six weight vectors per activation group) leaves no registers to share
+// the broadcasts with a second tile, but two weight streams in flight read memory faster than
 // one (one core, bench/kquants_ab.py --regime dram: +4% to +9% at 4096 columns, level at
-// 2048; level in L2).
+// 2048, measured with neighbouring tiles paired; level in L2). Kept out of line, as Q4_K's:
+// inlined into gemv's pass loop, its register allocation read memory 12-14% slower.
 template <int NTL>
-static void q6k_tiles_gemv(const uint8_t* quants, const uint8_t* scales, int64_t nsb, int64_t t, const ActQ8& a,
+__attribute__((noinline)) static void q6k_tiles_gemv(const uint8_t* quants, const uint8_t* scales, int64_t nsb, int64_t t, int64_t dt, const ActQ8& a,
                            float* out, int64_t n_rows, bool accumulate) {
     __m256 acc[NTL][2];
     for (int u = 0; u < NTL; ++u) acc[u][0] = acc[u][1] = _mm256_setzero_ps();
@@ -328,15 +329,15 @@ static void q6k_tiles_gemv(const uint8_t* quants, const uint8_t* scales, int64_t
         const uint8_t* tq[NTL];
         __m256i isd[NTL][2];
         for (int u = 0; u < NTL; ++u) {
-            ts[u] = scales + ((t + u) * nsb + s) * kQ6KTileScales;
-            tq[u] = quants + ((t + u) * nsb + s) * kQ6KTileQuants;
+            ts[u] = scales + ((t + u * dt) * nsb + s) * kQ6KTileScales;
+            tq[u] = quants + ((t + u * dt) * nsb + s) * kQ6KTileQuants;
             isd[u][0] = isd[u][1] = _mm256_setzero_si256();
         }
         for (int j = 0; j < 8; ++j) {
             const int64_t b = s * 8 + j;
             for (int u = 0; u < NTL; ++u) {
                 const uint8_t* sub = tq[u] + 384 * j;
-                prefetch_ahead_in_pass(sub, 384, quants, nsb * kQ6KTileQuants, t + u, NTL);
+                prefetch_ahead(sub, 384);
                 __m256i d0, d1;
                 q6_tile_sub_dots(sub, a.q + b * kBlock, a.g + 2 * b, ts[u] + 32 + 16 * (2 * j),
                                  ts[u] + 32 + 16 * (2 * j + 1), &d0, &d1);
@@ -351,7 +352,7 @@ static void q6k_tiles_gemv(const uint8_t* quants, const uint8_t* scales, int64_t
         }
     }
     for (int u = 0; u < NTL; ++u) {
-        const int64_t n0 = (t + u) * kTileRows;
+        const int64_t n0 = (t + u * dt) * kTileRows;
         store_rows8(out + n0, acc[u][0], n_rows - n0, accumulate);
         store_rows8(out + n0 + 8, acc[u][1], n_rows - n0 - 8, accumulate);
     }
@@ -436,16 +437,15 @@ static inline void tile_tokens(const uint8_t* w, const Half* dec, int64_t nsb, i
 template <int32_t kType>
 __attribute__((noinline)) static void gemv(const uint8_t* w, const uint8_t* scales, int64_t n_rows, int64_t nsb,
                                            int64_t tile0, int64_t tile1, const ActQ8& a, float* out, bool accumulate) {
-    for (int64_t t = tile0; t < tile1; t += 2) {
-        const bool two = t + 1 < tile1;
+    for_tile_pairs(tile0, tile1, [&](int64_t t, int64_t dt, bool two) {
         if constexpr (kType == kQ4_K) {
-            if (two) q4k_tiles_gemv<2>(w, scales, nsb, t, a, out, n_rows, accumulate);
-            else q4k_tiles_gemv<1>(w, scales, nsb, t, a, out, n_rows, accumulate);
+            if (two) q4k_tiles_gemv<2>(w, scales, nsb, t, dt, a, out, n_rows, accumulate);
+            else q4k_tiles_gemv<1>(w, scales, nsb, t, dt, a, out, n_rows, accumulate);
         } else {
-            if (two) q6k_tiles_gemv<2>(w, scales, nsb, t, a, out, n_rows, accumulate);
-            else q6k_tiles_gemv<1>(w, scales, nsb, t, a, out, n_rows, accumulate);
+            if (two) q6k_tiles_gemv<2>(w, scales, nsb, t, dt, a, out, n_rows, accumulate);
+            else q6k_tiles_gemv<1>(w, scales, nsb, t, dt, a, out, n_rows, accumulate);
         }
-    }
+    });
 }
 
 template <int32_t kType>

@@ -325,6 +325,24 @@ def test_matmul_result_independent_of_batch_and_threads(isa, dtype):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_single_token_tile_ranges_cover_every_row_once(isa, dtype):
+    # 37 tiles: one thread takes them as one range (18 two-tile passes and one tile alone), two
+    # threads as claims of shrinking size starting anywhere, odd and even. Every row must come
+    # out exactly as the batched path computes it.
+    dt = DTYPES[dtype]
+    rng = rng_for("ranges", dtype)
+    rows, k = 37 * 16 - 5, 256
+    m = make_matrix(dt, rng.standard_normal((rows, k)).astype(np.float32))
+    x = rng.standard_normal((2, k)).astype(np.float32)
+    full = matmul(_core.Backend(1, isa), m, x)
+    for threads in (1, 2):
+        backend = _core.Backend(threads, isa)
+        for t in range(2):
+            np.testing.assert_array_equal(matmul(backend, m, x[t:t + 1])[0], full[t], err_msg=f"{threads} threads")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_matmul_accumulate_adds_to_output(isa, dtype):
     m, x = batch_case(dtype)
     backend = _core.Backend(2, isa)

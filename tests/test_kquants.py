@@ -189,6 +189,19 @@ def test_result_independent_of_batch_threads_and_views(isa, dtype):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", KTYPES)
+def test_single_token_tile_ranges_cover_every_row_once(isa, dtype):
+    # As in test_kernels: 37 tiles as one range and as two threads' claims of every size.
+    dt = KTYPES[dtype]
+    m, x = k_matrix(dt, 37 * 16 - 5, 256, ("ranges", dtype))
+    full = matmul(_core.Backend(1, isa), m, x[:2])
+    for threads in (1, 2):
+        backend = _core.Backend(threads, isa)
+        for t in range(2):
+            np.testing.assert_array_equal(matmul(backend, m, x[t:t + 1])[0], full[t], err_msg=f"{threads} threads")
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_simd_paths_agree_bitwise_where_fused(isa):
     """AVX2 and NEON fuse every multiply-add of the same arithmetic: the same bits."""
     fused = [p for p in ("avx2", "avx512", "neon", "neon-emu") if p in ISAS]
