@@ -98,9 +98,9 @@ static inline void tile_half(const uint8_t* quants, const uint16_t* scales, int6
 // halves of each in one pass over the blocks. Two tiles per pass share each activation
 // broadcast and keep two streams of weights in flight: Q4_0 and Q4_1 about 8% faster in cache
 // than one tile per pass (four tiles spill). Q8_0, with no nibbles to unpack, is level with
-// one tile in cache but reads memory 14% faster with two (the streams in memory order; paired
-// with neighbouring tiles it had read 5% slower). Per row the arithmetic is the one-tile
-// path's.
+// one tile in cache but reads memory 7-14% faster with two (the streams in memory order;
+// paired with neighbouring tiles it had read 5% slower). Per row the arithmetic is the
+// one-tile path's.
 template <int kType, int NTL>
 static inline void tiles_gemv(const uint8_t* quants, const uint16_t* scales, int64_t nb, int64_t t, int64_t dt,
                               const ActQ8& a, float* out, int64_t n_rows, bool accumulate) {

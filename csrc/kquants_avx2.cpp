@@ -107,8 +107,9 @@ static inline __m256 q4k_finish(__m256 acc, __m256 d, __m256 dmin, __m256 da, __
 // halves of each: one pass over their bytes, each activation group broadcast once for all
 // 16 * NTL rows.
 template <int NTL>
-__attribute__((noinline)) static void q4k_tiles_gemv(const uint8_t* quants, const uint8_t* scales, int64_t nsb, int64_t t, int64_t dt, const ActQ8& a,
-                           float* out, int64_t n_rows, bool accumulate) {
+__attribute__((noinline)) static void q4k_tiles_gemv(const uint8_t* quants, const uint8_t* scales, int64_t nsb,
+                                                     int64_t t, int64_t dt, const ActQ8& a, float* out,
+                                                     int64_t n_rows, bool accumulate) {
     // Row r's lane gets bytes (r, zero, r, zero); -1 selects zero.
     const __m256i pair_idx = _mm256_setr_epi8(0, -1, 0, -1, 1, -1, 1, -1, 2, -1, 2, -1, 3, -1, 3, -1,
                                               4, -1, 4, -1, 5, -1, 5, -1, 6, -1, 6, -1, 7, -1, 7, -1);
@@ -319,8 +320,9 @@ static inline void q6_tile_sub_dots(const uint8_t* sub, const int8_t* x, const i
 // 2048, measured with neighbouring tiles paired; level in L2). Kept out of line, as Q4_K's:
 // inlined into gemv's pass loop, its register allocation read memory 12-14% slower.
 template <int NTL>
-__attribute__((noinline)) static void q6k_tiles_gemv(const uint8_t* quants, const uint8_t* scales, int64_t nsb, int64_t t, int64_t dt, const ActQ8& a,
-                           float* out, int64_t n_rows, bool accumulate) {
+__attribute__((noinline)) static void q6k_tiles_gemv(const uint8_t* quants, const uint8_t* scales, int64_t nsb,
+                                                     int64_t t, int64_t dt, const ActQ8& a, float* out,
+                                                     int64_t n_rows, bool accumulate) {
     __m256 acc[NTL][2];
     for (int u = 0; u < NTL; ++u) acc[u][0] = acc[u][1] = _mm256_setzero_ps();
     for (int64_t s = 0; s < nsb; ++s) {

@@ -25,8 +25,8 @@ static inline void prefetch_ahead(const uint8_t* p, int64_t n) {
 // lands on that stream's next tile; an odd tile left over comes last, alone (pass(t, 1,
 // false)). Pairing neighbours (t, t + 1) instead started both streams somewhere new every
 // pass: with the halves one core read Q6_K about 10% faster from memory (14-18% at 2048
-// columns), Q4_K 2-9% and Q4_0 3-6% (bench/kquants_ab.py --regime dram), and Q8_0 gained 14%
-// from two tiles per pass, which had cost it 5% with neighbours paired.
+// columns), Q4_K 2-9% and Q4_0 3-6% (bench/kquants_ab.py --regime dram), and Q8_0 gained
+// 7-14% from two tiles per pass, which had cost it 5% with neighbours paired.
 template <class Pass>
 static inline void for_tile_pairs(int64_t tile0, int64_t tile1, Pass&& pass) {
     const int64_t half = (tile1 - tile0) / 2;
