@@ -8,10 +8,13 @@ where separate runs of bench/kquants.py drift more than that.
 
     python bench/kquants_ab.py TREE_A TREE_B [...] [--formats q4_0,q4_k,q6_k] [--rounds 40]
                                [--regime l2|dram] [--tokens 1] [--core 0] [--rows 4096] [--cols 4096]
+                               [--isa auto]
 
 TREE: a directory holding an importable llamacpu package (a site-packages, or an import tree
-of src/llamacpu plus a built _core). regime l2: one matrix per format of about 384 KiB (the
-core's L2 cache); dram: 128 MiB of copies of a rows x cols matrix per format.
+of src/llamacpu plus a built _core); TREE@ISA runs that build's ISA path (avx2, avx512, ...)
+instead of --isa's, so one build's paths can be set side by side. regime l2: one matrix per
+format of about 384 KiB (within a core's L2 cache); dram: 128 MiB of copies of a rows x cols
+matrix per format.
 """
 
 import argparse
@@ -24,7 +27,7 @@ import time
 BPW = {"q4_0": 4.5, "q4_1": 5.0, "q8_0": 8.5, "q4_k": 4.5, "q6_k": 6.5625}
 
 
-def worker(tree: str, formats: list, regime: str, tokens: int, core: int, shape: tuple):
+def worker(tree: str, formats: list, regime: str, tokens: int, core: int, shape: tuple, isa: str):
     os.sched_setaffinity(0, {core})
     sys.path.insert(0, tree)
     sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +42,7 @@ def worker(tree: str, formats: list, regime: str, tokens: int, core: int, shape:
     rng = np.random.default_rng(0)
     w = rng.standard_normal((n_rows, cols)).astype(np.float32)
     x = rng.standard_normal((tokens, cols)).astype(np.float32)
-    backend = _core.Backend(1, "auto")
+    backend = _core.Backend(1, isa)
     mats = {}
     for f in formats:
         rows = max(16, int(384 * 1024 * 8 / BPW[f] / cols) // 16 * 16) if regime == "l2" else n_rows
@@ -77,17 +80,19 @@ def main():
     ap.add_argument("--core", type=int, default=min(os.sched_getaffinity(0)))
     ap.add_argument("--rows", type=int, default=4096, help="rows of the dram case's matrix")
     ap.add_argument("--cols", type=int, default=4096)
+    ap.add_argument("--isa", default="auto", help="the kernel path of every TREE without @ISA")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     formats = a.formats.split(",")
     if a.worker:
-        return worker(a.trees[0], formats, a.regime, a.tokens, a.core, (a.rows, a.cols))
+        return worker(a.trees[0], formats, a.regime, a.tokens, a.core, (a.rows, a.cols), a.isa)
     names = list(a.trees)
     procs = {}
     for t in names:
-        cmd = [sys.executable, os.path.abspath(__file__), t, "--worker", "--formats", a.formats,
-               "--regime", a.regime, "--tokens", str(a.tokens), "--core", str(a.core), "--rows", str(a.rows),
-               "--cols", str(a.cols)]
+        tree, _, isa = t.partition("@")
+        cmd = [sys.executable, os.path.abspath(__file__), tree, "--worker", "--isa", isa or a.isa,
+               "--formats", a.formats, "--regime", a.regime, "--tokens", str(a.tokens), "--core", str(a.core),
+               "--rows", str(a.rows), "--cols", str(a.cols)]
         procs[t] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     for p in procs.values():
         if p.stdout.readline().strip() != "ready":

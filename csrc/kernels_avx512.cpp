@@ -108,7 +108,6 @@ static inline void tile_tokens(const uint8_t* quants, const uint16_t* scales, in
     for (int i = 0; i < NT; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
         __m512i wv[8];
-        if (NT == 1) prefetch_ahead(quants + (t * nb + b) * qbytes, qbytes);
         unpack_block<kType>(quants + (t * nb + b) * qbytes, wv);
         const uint16_t* sp = scales + (t * nb + b) * sstride;
         const __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sp)));
@@ -127,11 +126,53 @@ static inline void tile_tokens(const uint8_t* quants, const uint16_t* scales, in
     for (int i = 0; i < NT; ++i) store_rows16(out + (tok0 + i) * ldo + t * kTileRows, acc[i], valid, accumulate);
 }
 
+// Single token, NTL tiles (1 or 2), tiles t and t + dt (prefetch.h, for_tile_pairs): one pass
+// over the blocks of both, each tile's weight stream prefetched in memory order. Per row the
+// arithmetic is tile_tokens' for one token.
+template <int kType, int NTL>
+static inline void tiles_gemv(const uint8_t* quants, const uint16_t* scales, int64_t nb, int64_t t, int64_t dt,
+                              const ActQ8& a, float* out, int64_t n_rows, bool accumulate) {
+    constexpr int64_t qbytes = kType == kQ8_0 ? kQ8TileBlockQuants : kQ4TileBlockQuants;
+    constexpr int64_t sstride = kType == kQ4_1 ? 2 * kTileRows : kTileRows;
+    __m512 acc[NTL];
+    for (int u = 0; u < NTL; ++u) acc[u] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        const int32_t xsum = a.s[b];
+        const __m512 da = _mm512_set1_ps(a.d[b]);
+        for (int u = 0; u < NTL; ++u) {
+            const uint8_t* q = quants + ((t + u * dt) * nb + b) * qbytes;
+            prefetch_ahead(q, qbytes);
+            __m512i wv[8];
+            unpack_block<kType>(q, wv);
+            const uint16_t* sp = scales + ((t + u * dt) * nb + b) * sstride;
+            const __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sp)));
+            const __m512i dot = block_dot<kType>(wv, a.q + b * kBlock, xsum);
+            acc[u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sc, da), acc[u]);
+            if (kType == kQ4_1) {
+                const __m512 mins = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sp + kTileRows)));
+                acc[u] = _mm512_fmadd_ps(mins, _mm512_set1_ps(float(xsum) * a.d[b]), acc[u]);
+            }
+        }
+    }
+    for (int u = 0; u < NTL; ++u)
+        store_rows16(out + (t + u * dt) * kTileRows, acc[u], n_rows - (t + u * dt) * kTileRows, accumulate);
+}
+
+// As in kernels_avx2.cpp, the single-token and batched loops live in separate functions, so
+// that neither's register allocation is made for the other.
 template <int kType>
-static void matmul_q(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, int64_t tile1,
-                     const ActQ8& a, float* out, int64_t ldo, bool accumulate) {
-    const int64_t nb = k / kBlock;
-    const uint16_t* scales = reinterpret_cast<const uint16_t*>(w + n_tiles(n_rows) * nb * tile_block_quant_bytes(kType));
+__attribute__((noinline)) static void gemv_q(const uint8_t* w, const uint16_t* scales, int64_t n_rows, int64_t nb,
+                                             int64_t tile0, int64_t tile1, const ActQ8& a, float* out, bool accumulate) {
+    for_tile_pairs(tile0, tile1, [&](int64_t t, int64_t dt, bool two) {
+        if (two) tiles_gemv<kType, 2>(w, scales, nb, t, dt, a, out, n_rows, accumulate);
+        else tiles_gemv<kType, 1>(w, scales, nb, t, dt, a, out, n_rows, accumulate);
+    });
+}
+
+template <int kType>
+__attribute__((noinline)) static void batched_q(const uint8_t* w, const uint16_t* scales, int64_t n_rows, int64_t nb,
+                                                int64_t tile0, int64_t tile1, const ActQ8& a, float* out, int64_t ldo,
+                                                bool accumulate) {
     for (int64_t t = tile0; t < tile1; ++t) {
         const int64_t valid = n_rows - t * kTileRows;
         int64_t tok = 0;
@@ -139,6 +180,15 @@ static void matmul_q(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0,
         for (; tok + 4 <= a.T; tok += 4) tile_tokens<kType, 4>(w, scales, nb, t, a, tok, out, ldo, valid, accumulate);
         for (; tok < a.T; ++tok) tile_tokens<kType, 1>(w, scales, nb, t, a, tok, out, ldo, valid, accumulate);
     }
+}
+
+template <int kType>
+static void matmul_q(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, int64_t tile1,
+                     const ActQ8& a, float* out, int64_t ldo, bool accumulate) {
+    const int64_t nb = k / kBlock;
+    const uint16_t* scales = reinterpret_cast<const uint16_t*>(w + n_tiles(n_rows) * nb * tile_block_quant_bytes(kType));
+    if (a.T == 1) gemv_q<kType>(w, scales, n_rows, nb, tile0, tile1, a, out, accumulate);
+    else batched_q<kType>(w, scales, n_rows, nb, tile0, tile1, a, out, ldo, accumulate);
 }
 
 static void matmul_q4_0(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, int64_t tile1,

@@ -163,7 +163,6 @@ static void q4k_tile(const uint8_t* quants, const Q4KScales* dec, int64_t nsb, i
         for (int i = 0; i < NT; ++i) isd[i] = _mm512_setzero_si512();
         for (int j = 0; j < 8; ++j) {
             __m512i q[8];
-            if (NT == 1) prefetch_ahead(tq + 256 * j, 256);
             unpack_nibbles(tq + 256 * j, q);
             for (int i = 0; i < NT; ++i) {
                 const int8_t* x = a.q + (tok0 + i) * a.ldq + (s * 8 + j) * kBlock;
@@ -179,36 +178,53 @@ static void q4k_tile(const uint8_t* quants, const Q4KScales* dec, int64_t nsb, i
     for (int i = 0; i < NT; ++i) store_rows16(out + (tok0 + i) * ldo + t * kTileRows, acc[i], valid, accumulate);
 }
 
-// One token against tile t (token generation). The high nibbles are not shifted down: dpbusd
-// of (byte & 0xf0) gives 16 times their dot, an exact multiple that one shift at the end
-// undoes, which saves a shift per vector and splits the dot into two independent chains.
-static void q4k_tile_gemv(const uint8_t* quants, const uint8_t* scales, int64_t nsb, int64_t t, const ActQ8& a,
-                          float* out, int64_t valid, bool accumulate) {
+// One token, NTL tiles (1 or 2), tiles t and t + dt (prefetch.h, for_tile_pairs): one pass
+// over both tiles' super-blocks, each weight stream prefetched in memory order. The high
+// nibbles are not shifted down: dpbusd of (byte & 0xf0) gives 16 times their dot, an exact
+// multiple that one shift at the end undoes, which saves a shift per vector and splits the
+// dot into two independent chains.
+template <int NTL>
+__attribute__((noinline)) static void q4k_tiles_gemv(const uint8_t* quants, const uint8_t* scales, int64_t nsb,
+                                                     int64_t t, int64_t dt, const ActQ8& a, float* out,
+                                                     int64_t n_rows, bool accumulate) {
     const __m512i lo4 = _mm512_set1_epi8(0x0f), hi4 = _mm512_set1_epi8(char(0xf0));
-    __m512 acc = _mm512_setzero_ps();
-    Q4KRowBytes rb;
+    __m512 acc[NTL];
+    for (int u = 0; u < NTL; ++u) acc[u] = _mm512_setzero_ps();
+    Q4KRowBytes rb[NTL];
     for (int64_t s = 0; s < nsb; ++s) {
-        const uint8_t* ts = scales + (t * nsb + s) * kQ4KTileScales;
-        const uint8_t* tq = quants + (t * nsb + s) * kQ4KTileQuants;
-        q4k_unpack_scales(ts + 64, &rb);
-        __m512i isd = _mm512_setzero_si512(), m[8];
-        for (int j = 0; j < 8; ++j) {
-            const uint8_t* sub = tq + 256 * j;
-            prefetch_ahead(sub, 256);
-            const int8_t* x = a.q + (s * 8 + j) * kBlock;
-            __m512i dlo = _mm512_setzero_si512(), dhi = _mm512_setzero_si512();
-            for (int v = 0; v < 4; ++v) {
-                const __m512i raw = _mm512_loadu_si512(sub + v * 64);
-                dlo = _mm512_dpbusd_epi32(dlo, _mm512_and_si512(raw, lo4), bcast4(x + 4 * v));
-                dhi = _mm512_dpbusd_epi32(dhi, _mm512_and_si512(raw, hi4), bcast4(x + 16 + 4 * v));
-            }
-            const __m512i dot = _mm512_add_epi32(dlo, _mm512_srai_epi32(dhi, 4));
-            isd = _mm512_add_epi32(isd, _mm512_mullo_epi32(dot, load16_u8(rb.sc[j])));
-            m[j] = load16_u8(rb.m[j]);
+        const uint8_t* ts[NTL];
+        const uint8_t* tq[NTL];
+        __m512i isd[NTL];
+        for (int u = 0; u < NTL; ++u) {
+            ts[u] = scales + ((t + u * dt) * nsb + s) * kQ4KTileScales;
+            tq[u] = quants + ((t + u * dt) * nsb + s) * kQ4KTileQuants;
+            q4k_unpack_scales(ts[u] + 64, &rb[u]);
+            isd[u] = _mm512_setzero_si512();
         }
-        acc = q4k_finish(acc, load16_f16(ts), load16_f16(ts + 32), a.d[s * 8], isd, q4k_min_dot(m, a.s + s * 8));
+        for (int j = 0; j < 8; ++j) {
+            const int8_t* x = a.q + (s * 8 + j) * kBlock;
+            for (int u = 0; u < NTL; ++u) {
+                const uint8_t* sub = tq[u] + 256 * j;
+                prefetch_ahead(sub, 256);
+                __m512i dlo = _mm512_setzero_si512(), dhi = _mm512_setzero_si512();
+                for (int v = 0; v < 4; ++v) {
+                    const __m512i raw = _mm512_loadu_si512(sub + v * 64);
+                    dlo = _mm512_dpbusd_epi32(dlo, _mm512_and_si512(raw, lo4), bcast4(x + 4 * v));
+                    dhi = _mm512_dpbusd_epi32(dhi, _mm512_and_si512(raw, hi4), bcast4(x + 16 + 4 * v));
+                }
+                const __m512i dot = _mm512_add_epi32(dlo, _mm512_srai_epi32(dhi, 4));
+                isd[u] = _mm512_add_epi32(isd[u], _mm512_mullo_epi32(dot, load16_u8(rb[u].sc[j])));
+            }
+        }
+        for (int u = 0; u < NTL; ++u) {
+            __m512i m[8];
+            for (int j = 0; j < 8; ++j) m[j] = load16_u8(rb[u].m[j]);
+            acc[u] = q4k_finish(acc[u], load16_f16(ts[u]), load16_f16(ts[u] + 32), a.d[s * 8], isd[u],
+                                q4k_min_dot(m, a.s + s * 8));
+        }
     }
-    store_rows16(out + t * kTileRows, acc, valid, accumulate);
+    for (int u = 0; u < NTL; ++u)
+        store_rows16(out + (t + u * dt) * kTileRows, acc[u], n_rows - (t + u * dt) * kTileRows, accumulate);
 }
 
 // The -32 * sum(a) start of each 16-column group, for every token of the call: offs[(tok *
@@ -230,7 +246,6 @@ static void q6k_tile(const uint8_t* quants, const uint8_t* scales, const int32_t
         for (int i = 0; i < NT; ++i) isd[i] = _mm512_setzero_si512();
         for (int j = 0; j < 8; ++j) {
             __m512i q[8];
-            if (NT == 1) prefetch_ahead(tq + 384 * j, 384);
             unpack_q6(tq + 384 * j, q);
             const __m512i sc_lo = load16_i8(ts + 32 + 16 * (2 * j)), sc_hi = load16_i8(ts + 32 + 16 * (2 * j + 1));
             for (int i = 0; i < NT; ++i) {
@@ -251,6 +266,45 @@ static void q6k_tile(const uint8_t* quants, const uint8_t* scales, const int32_t
     for (int i = 0; i < NT; ++i) store_rows16(out + (tok0 + i) * ldo + t * kTileRows, acc[i], valid, accumulate);
 }
 
+// One token, NTL tiles (1 or 2), tiles t and t + dt, as q4k_tiles_gemv; per row the
+// arithmetic is q6k_tile's for one token.
+template <int NTL>
+__attribute__((noinline)) static void q6k_tiles_gemv(const uint8_t* quants, const uint8_t* scales, const int32_t* offs,
+                                                     int64_t nsb, int64_t t, int64_t dt, const ActQ8& a, float* out,
+                                                     int64_t n_rows, bool accumulate) {
+    __m512 acc[NTL];
+    for (int u = 0; u < NTL; ++u) acc[u] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < nsb; ++s) {
+        const uint8_t* ts[NTL];
+        const uint8_t* tq[NTL];
+        __m512i isd[NTL];
+        for (int u = 0; u < NTL; ++u) {
+            ts[u] = scales + ((t + u * dt) * nsb + s) * kQ6KTileScales;
+            tq[u] = quants + ((t + u * dt) * nsb + s) * kQ6KTileQuants;
+            isd[u] = _mm512_setzero_si512();
+        }
+        for (int j = 0; j < 8; ++j) {
+            const int64_t tb = s * 8 + j;
+            const int8_t* x = a.q + tb * kBlock;
+            for (int u = 0; u < NTL; ++u) {
+                __m512i q[8];
+                prefetch_ahead(tq[u] + 384 * j, 384);
+                unpack_q6(tq[u] + 384 * j, q);
+                const __m512i sc_lo = load16_i8(ts[u] + 32 + 16 * (2 * j)), sc_hi = load16_i8(ts[u] + 32 + 16 * (2 * j + 1));
+                const __m512i lo = dot4(q, x, 0, _mm512_set1_epi32(offs[2 * tb]));
+                const __m512i hi = dot4(q, x, 4, _mm512_set1_epi32(offs[2 * tb + 1]));
+                isd[u] = _mm512_add_epi32(isd[u], _mm512_add_epi32(_mm512_mullo_epi32(lo, sc_lo), _mm512_mullo_epi32(hi, sc_hi)));
+            }
+        }
+        for (int u = 0; u < NTL; ++u) {
+            const __m512 dd = _mm512_mul_ps(load16_f16(ts[u]), _mm512_set1_ps(a.d[s * 8]));
+            acc[u] = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(isd[u]), acc[u]);
+        }
+    }
+    for (int u = 0; u < NTL; ++u)
+        store_rows16(out + (t + u * dt) * kTileRows, acc[u], n_rows - (t + u * dt) * kTileRows, accumulate);
+}
+
 template <int32_t kType, int NT>
 static inline void tile(const uint8_t* w, const uint8_t* scales, const Q4KScales* dec, const int32_t* offs,
                         int64_t nsb, int64_t t, const ActQ8& a, int64_t tok0, float* out, int64_t ldo, int64_t valid,
@@ -264,12 +318,22 @@ static void matmul(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, i
                    float* out, int64_t ldo, bool accumulate) {
     const int64_t nsb = k / kSuperBlock;
     const uint8_t* scales = w + n_tiles(n_rows) * nsb * k_tile_quant_bytes(kType);
-    if (kType == kQ4_K && a.T == 1) {
-        for (int64_t t = tile0; t < tile1; ++t) q4k_tile_gemv(w, scales, nsb, t, a, out, n_rows - t * kTileRows, accumulate);
-        return;
-    }
     std::vector<int32_t> offs(kType == kQ6_K ? size_t(2 * a.nb * a.T) : 0);
     if (kType == kQ6_K) q6_offsets(a, offs.data());
+    if (a.T == 1 && kType == kQ4_K) {
+        for_tile_pairs(tile0, tile1, [&](int64_t t, int64_t dt, bool two) {
+            if (two) q4k_tiles_gemv<2>(w, scales, nsb, t, dt, a, out, n_rows, accumulate);
+            else q4k_tiles_gemv<1>(w, scales, nsb, t, dt, a, out, n_rows, accumulate);
+        });
+        return;
+    }
+    if (a.T == 1) {
+        for_tile_pairs(tile0, tile1, [&](int64_t t, int64_t dt, bool two) {
+            if (two) q6k_tiles_gemv<2>(w, scales, offs.data(), nsb, t, dt, a, out, n_rows, accumulate);
+            else q6k_tiles_gemv<1>(w, scales, offs.data(), nsb, t, dt, a, out, n_rows, accumulate);
+        });
+        return;
+    }
     // Q4_K: a tile's scales decoded once for all the call's tokens.
     std::vector<Q4KScales> dec(kType == kQ4_K ? size_t(nsb) : 0);
     for (int64_t t = tile0; t < tile1; ++t) {
