@@ -53,7 +53,7 @@ def worker(tree: str, formats: list, regime: str, tokens: int, core: int, shape:
             ms += [(_core.Matrix(b, 0, kquants.FORMATS[f], rows, cols), b)
                    for b in (kquants.page_aligned(buf) for _ in range(copies - 1))]
         mats[f] = ms
-    print("ready", flush=True)
+    print("ready", backend.name, flush=True)
     passes = 12 if regime == "l2" else 3
     for line in sys.stdin:
         ms = mats[line.strip()]
@@ -94,9 +94,12 @@ def main():
                "--formats", a.formats, "--regime", a.regime, "--tokens", str(a.tokens), "--core", str(a.core),
                "--rows", str(a.rows), "--cols", str(a.cols)]
         procs[t] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    for p in procs.values():
-        if p.stdout.readline().strip() != "ready":
+    paths = {}
+    for t, p in procs.items():
+        ready = p.stdout.readline().split()
+        if ready[:1] != ["ready"]:
             sys.exit("a worker failed to start")
+        paths[t] = ready[1]
     rates = {(t, f): [] for t in names for f in formats}
     for r in range(a.rounds):
         for f in formats:
@@ -112,7 +115,7 @@ def main():
           "per byte against q4_0 and against the first build (median over rounds)")
     for t in names:
         rel = " ".join(f"{f} {med(rates[(t, f)], rates[(t, 'q4_0')]):.3f}" for f in formats if f != "q4_0")
-        print(f"  {t}: " + " ".join(f"{f} {max(rates[(t, f)]):.2f}" for f in formats) + (f"  | vs q4_0: {rel}" if rel else ""))
+        print(f"  {t} ({paths[t]}): " + " ".join(f"{f} {max(rates[(t, f)]):.2f}" for f in formats) + (f"  | vs q4_0: {rel}" if rel else ""))
     for f in formats:
         print(f"  {f}: " + " ".join(f"{t} {med(rates[(t, f)], rates[(names[0], f)]):.3f}" for t in names[1:]))
 

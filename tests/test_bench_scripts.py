@@ -4,8 +4,10 @@ themselves are bench/README.md's business, not a test's)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,3 +75,20 @@ def test_models_ab_compares_files_per_byte(stories_models):
     assert got[0]["vs_first"] == pytest.approx(1.0)
     assert got[1]["weight_mib"] > got[0]["weight_mib"] > 0  # the same matrices in more bytes
     assert all(o["best_gbps"] >= o["median_gbps"] > 0 for o in got)
+
+
+def test_kquants_ab_runs_each_build_on_its_named_path():
+    import llamacpu
+    from llamacpu import _core
+
+    tree = str(Path(os.path.abspath(llamacpu.__file__)).parent.parent)
+    out = subprocess.run([sys.executable, str(BENCH / "kquants_ab.py"), tree, tree + "@scalar", "--formats", "q4_0,q4_k",
+                          "--regime", "l2", "--rows", "64", "--cols", "256", "--rounds", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    auto = next(ln for ln in lines if ln.startswith(f"  {tree} ("))
+    assert "(scalar)" not in auto or _core.usable_isas()[0] == "scalar"
+    scalar = next(ln for ln in lines if ln.startswith(f"  {tree}@scalar (scalar): q4_0 "))
+    assert "vs q4_0: q4_k" in scalar
+    assert any(ln.startswith("  q4_k: ") for ln in lines)
