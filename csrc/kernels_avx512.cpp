@@ -5,6 +5,8 @@
 // weight bytes by a 4-byte activation group broadcast to every lane, so one instruction
 // advances the dot products of all 16 rows by 4 columns. Per row the float work is the same
 // as the AVX2 path (one fma per block with the same operands), so both give the same bits.
+// One token takes two tiles per pass, each stream in memory order (prefetch.h); a batch takes
+// a tile at a time, each weight vector unpacked once for up to 8 tokens.
 // The element-wise kernels reuse the AVX2 code (simd_x86_common.h).
 //
 // With LLAMACPU_SIMDE this file is built a second time against SIMDe's portable emulation
