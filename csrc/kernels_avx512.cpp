@@ -165,9 +165,8 @@ static inline void tiles_gemv(const uint8_t* quants, const uint16_t* scales, int
 template <int kType>
 __attribute__((noinline)) static void gemv_q(const uint8_t* w, const uint16_t* scales, int64_t n_rows, int64_t nb,
                                              int64_t tile0, int64_t tile1, const ActQ8& a, float* out, bool accumulate) {
-    for_tile_pairs(tile0, tile1, [&](int64_t t, int64_t dt, bool two) {
-        if (two) tiles_gemv<kType, 2>(w, scales, nb, t, dt, a, out, n_rows, accumulate);
-        else tiles_gemv<kType, 1>(w, scales, nb, t, dt, a, out, n_rows, accumulate);
+    for_tile_pairs(tile0, tile1, [&](auto n, int64_t t, int64_t dt) {
+        tiles_gemv<kType, decltype(n)::value>(w, scales, nb, t, dt, a, out, n_rows, accumulate);
     });
 }
 

@@ -438,14 +438,9 @@ static inline void tile_tokens(const uint8_t* w, const Half* dec, int64_t nsb, i
 template <int32_t kType>
 __attribute__((noinline)) static void gemv(const uint8_t* w, const uint8_t* scales, int64_t n_rows, int64_t nsb,
                                            int64_t tile0, int64_t tile1, const ActQ8& a, float* out, bool accumulate) {
-    for_tile_pairs(tile0, tile1, [&](int64_t t, int64_t dt, bool two) {
-        if constexpr (kType == kQ4_K) {
-            if (two) q4k_tiles_gemv<2>(w, scales, nsb, t, dt, a, out, n_rows, accumulate);
-            else q4k_tiles_gemv<1>(w, scales, nsb, t, dt, a, out, n_rows, accumulate);
-        } else {
-            if (two) q6k_tiles_gemv<2>(w, scales, nsb, t, dt, a, out, n_rows, accumulate);
-            else q6k_tiles_gemv<1>(w, scales, nsb, t, dt, a, out, n_rows, accumulate);
-        }
+    for_tile_pairs(tile0, tile1, [&](auto n, int64_t t, int64_t dt) {
+        if constexpr (kType == kQ4_K) q4k_tiles_gemv<decltype(n)::value>(w, scales, nsb, t, dt, a, out, n_rows, accumulate);
+        else q6k_tiles_gemv<decltype(n)::value>(w, scales, nsb, t, dt, a, out, n_rows, accumulate);
     });
 }
 

@@ -320,17 +320,11 @@ static void matmul(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, i
     const uint8_t* scales = w + n_tiles(n_rows) * nsb * k_tile_quant_bytes(kType);
     std::vector<int32_t> offs(kType == kQ6_K ? size_t(2 * a.nb * a.T) : 0);
     if (kType == kQ6_K) q6_offsets(a, offs.data());
-    if (a.T == 1 && kType == kQ4_K) {
-        for_tile_pairs(tile0, tile1, [&](int64_t t, int64_t dt, bool two) {
-            if (two) q4k_tiles_gemv<2>(w, scales, nsb, t, dt, a, out, n_rows, accumulate);
-            else q4k_tiles_gemv<1>(w, scales, nsb, t, dt, a, out, n_rows, accumulate);
-        });
-        return;
-    }
     if (a.T == 1) {
-        for_tile_pairs(tile0, tile1, [&](int64_t t, int64_t dt, bool two) {
-            if (two) q6k_tiles_gemv<2>(w, scales, offs.data(), nsb, t, dt, a, out, n_rows, accumulate);
-            else q6k_tiles_gemv<1>(w, scales, offs.data(), nsb, t, dt, a, out, n_rows, accumulate);
+        for_tile_pairs(tile0, tile1, [&](auto n, int64_t t, int64_t dt) {
+            constexpr int kNtl = decltype(n)::value;
+            if constexpr (kType == kQ4_K) q4k_tiles_gemv<kNtl>(w, scales, nsb, t, dt, a, out, n_rows, accumulate);
+            else q6k_tiles_gemv<kNtl>(w, scales, offs.data(), nsb, t, dt, a, out, n_rows, accumulate);
         });
         return;
     }

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 namespace llamacpu {
 
@@ -19,11 +20,12 @@ static inline void prefetch_ahead(const uint8_t* p, int64_t n) {
 }
 
 // The two-tile passes of a single-token GEMV over a task's tiles [tile0, tile1): calls
-// pass(t, dt, true) for tiles t and t + dt, pairing tile0 + i with tile0 + i + half, so that
+// pass(kTwo, t, dt) for tiles t and t + dt, pairing tile0 + i with tile0 + i + half, so that
 // each of the two weight streams walks its half of the range in memory order from pass to
 // pass (a matrix stores its tiles one after another) and the plain prefetch past a tile's end
-// lands on that stream's next tile; an odd tile left over comes last, alone (pass(t, 1,
-// false)). Pairing neighbours (t, t + 1) instead started both streams somewhere new every
+// lands on that stream's next tile; an odd tile left over comes last, alone (pass(kOne, t,
+// 1)). The first argument's type carries the tile count as a constant (decltype(n)::value),
+// for the passes' templates. Pairing neighbours (t, t + 1) instead started both streams somewhere new every
 // pass: with the halves one core read Q6_K about 10% faster from memory (14-18% at 2048
 // columns), Q4_K 2-9% and Q4_0 3-6% (bench/kquants_ab.py --regime dram), and Q8_0 gained
 // 7-14% from two tiles per pass, which had cost it 5% with neighbours paired. The AVX-512
@@ -31,9 +33,11 @@ static inline void prefetch_ahead(const uint8_t* p, int64_t n) {
 // same pairing and are level to 9% ahead on a Zen 4 core.
 template <class Pass>
 static inline void for_tile_pairs(int64_t tile0, int64_t tile1, Pass&& pass) {
+    constexpr std::integral_constant<int, 2> kTwo{};
+    constexpr std::integral_constant<int, 1> kOne{};
     const int64_t half = (tile1 - tile0) / 2;
-    for (int64_t i = 0; i < half; ++i) pass(tile0 + i, half, true);
-    if ((tile1 - tile0) % 2) pass(tile1 - 1, int64_t(1), false);
+    for (int64_t i = 0; i < half; ++i) pass(kTwo, tile0 + i, half);
+    if ((tile1 - tile0) % 2) pass(kOne, tile1 - 1, int64_t(1));
 }
 
 }  // namespace llamacpu
