@@ -3,9 +3,12 @@
 // the same bits.
 //
 // A 16-row tile is one zmm (lane r = row r). vpdpbusd accumulates the exact int32 dot of each
-// row with a broadcast 4-byte activation group; the sub-block scale is one vpmulld, and the
-// super-block's scaled dots (and Q4_K's mins times the activation block sums) add up in int32,
-// the activations having one scale per super-block. For Q6_K the dot of the unsigned quants
+// row with a broadcast 4-byte activation group, and the super-block's scaled dots add up in
+// int32, the activations having one scale per super-block. Q4_K keeps its scales and mins as
+// bytes in each row's lane (a 4 x 4 transpose of the stored bytes), so neither needs vpmulld,
+// two uops on Intel cores: a sub-block's two half dots, each small enough for int16, ride one
+// vpdpwssd against the (scale, scale) pair, and the min term is four vpdpbusd of the mins
+// against the activation block sums split into bytes. For Q6_K the dot of the unsigned quants
 // starts from -32 * sum(a), which turns it into sum (q-32) * a.
 //
 // With LLAMACPU_SIMDE this file is built a second time against SIMDe's emulation
@@ -43,10 +46,6 @@ static inline __m512i bcast4(const int8_t* p) {
 
 static inline __m512 load16_f16(const uint8_t* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-
-static inline __m512i load16_u8(const uint8_t* p) {
-    return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
 static inline __m512i load16_i8(const uint8_t* p) {
@@ -103,44 +102,76 @@ static inline __m512i dot4(const __m512i* q, const int8_t* x, int g0, __m512i in
     return init;
 }
 
+// The 4 x 4 byte transpose that turns 128-bit lane j = byte r of sub-block j (j = 0..3, r =
+// 0..15) into 32-bit lane r = row r's bytes of sub-blocks 0..3: a dword transpose across the
+// lanes, then a byte transpose inside each; neither needs VBMI.
+static inline __m512i rows_to_lanes(__m512i v) {
+    const __m512i dw = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const __m512i by = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+    return _mm512_shuffle_epi8(_mm512_permutexvar_epi32(dw, v), by);
+}
+
+// A tile-superblock's scales and mins, row r's in 32-bit lane r: byte i of sc[h] is sc_{4h+i},
+// of m[h] m_{4h+i}. The decode is bytewise, so transposing the three stored vectors first gives
+// the same bytes as transposing the four decoded ones, one transpose fewer.
+struct Q4KLanes {
+    __m512i sc[2], m[2];
+};
+
+static inline void q4k_lanes(const uint8_t* B, Q4KLanes* o) {
+    const __m512i b0 = rows_to_lanes(_mm512_loadu_si512(B)), b4 = rows_to_lanes(_mm512_loadu_si512(B + 64));
+    const __m512i b8 = rows_to_lanes(_mm512_loadu_si512(B + 128));
+    const __m512i m63 = _mm512_set1_epi8(63), m15 = _mm512_set1_epi8(15);
+    o->sc[0] = _mm512_and_si512(b0, m63);
+    o->m[0] = _mm512_and_si512(b4, m63);
+    // j >= 4: low four bits from B[j+4] (scale) or its high nibble (min), bits 4-5 from the top
+    // two bits of B[j-4] (scale) or B[j] (min).
+    o->sc[1] = _mm512_and_si512(select_bits(b8, _mm512_srli_epi16(b0, 2), m15), m63);
+    o->m[1] = _mm512_and_si512(select_bits(_mm512_srli_epi16(b8, 4), _mm512_srli_epi16(b4, 2), m15), m63);
+}
+
+// (sc_j, sc_j) as the int16 pair of each row's lane, from q4k_lanes' sc[j / 4] (one pshufb).
+static inline __m512i q4k_scale_pairs(const Q4KLanes& l, int j) {
+    const char i = char(j % 4), z = char(0x80);  // pshufb: 0x80 gives zero
+    const __m128i idx = _mm_setr_epi8(i, z, i, z, char(4 + i), z, char(4 + i), z, char(8 + i), z, char(8 + i), z,
+                                      char(12 + i), z, char(12 + i), z);
+    return _mm512_shuffle_epi8(l.sc[j / 4], _mm512_broadcast_i32x4(idx));
+}
+
+// A super-block's activation block sums s_j split into two signed bytes, s_j = 128 * h_j + l_j
+// with l_j in [0, 128) and h_j in [-32, 32] (|s_j| <= 32 * 128): lh[0..7] = l_j, lh[8..15] =
+// h_j, so the min term sum_j m_j * s_j is four vpdpbusd of the unsigned mins against them.
+static inline void q4k_sum_bytes(const int32_t* sums, int8_t* lh) {
+    const __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sums));
+    const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(s, _mm256_set1_epi32(127))),
+                                            _mm256_srai_epi32(s, 7), 1);
+    _mm_store_si128(reinterpret_cast<__m128i*>(lh), _mm512_cvtepi32_epi8(both));
+}
+
+// sum_j m_j * s_j per row: the l and h halves of the sums (q4k_sum_bytes) against the mins of
+// sub-blocks 0-3 and 4-7 (q4k_lanes' m), exact in int32.
+static inline __m512i q4k_min_term(const __m512i* m, const int8_t* lh) {
+    const __m512i lo = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), m[0], bcast4(lh)), m[1], bcast4(lh + 4));
+    const __m512i hi = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), m[0], bcast4(lh + 8)), m[1], bcast4(lh + 12));
+    return _mm512_add_epi32(lo, _mm512_slli_epi32(hi, 7));
+}
+
+// The batched path's decoded tile-superblock: the scales one per row lane (sc[j]), the mins
+// as q4k_lanes gives them.
 struct Q4KScales {
-    __m512i sc[8], m[8];
+    __m512i sc[8], m[2];
     __m512 d, dmin;
 };
 
-// The 6-bit scales and mins of a tile-superblock's 16 rows, byte r of sc[j] / m[j] for row r,
-// decoded for all eight sub-blocks with whole-vector operations on the 192 transposed bytes.
-struct alignas(64) Q4KRowBytes {
-    uint8_t sc[8][16], m[8][16];
-};
-
-static inline void q4k_unpack_scales(const uint8_t* B, Q4KRowBytes* o) {
-    const __m512i b0 = _mm512_loadu_si512(B), b4 = _mm512_loadu_si512(B + 64), b8 = _mm512_loadu_si512(B + 128);
-    const __m512i m63 = _mm512_set1_epi8(63), m15 = _mm512_set1_epi8(15);
-    _mm512_store_si512(o->sc[0], _mm512_and_si512(b0, m63));
-    _mm512_store_si512(o->m[0], _mm512_and_si512(b4, m63));
-    // j >= 4: low four bits from B[j+4] (scale) or its high nibble (min), bits 4-5 from the top
-    // two bits of B[j-4] (scale) or B[j] (min).
-    _mm512_store_si512(o->sc[4], _mm512_and_si512(select_bits(b8, _mm512_srli_epi16(b0, 2), m15), m63));
-    _mm512_store_si512(o->m[4], _mm512_and_si512(select_bits(_mm512_srli_epi16(b8, 4), _mm512_srli_epi16(b4, 2), m15), m63));
-}
-
 static inline void q4k_decode(const uint8_t* ts, Q4KScales* out) {
-    Q4KRowBytes rb;
-    q4k_unpack_scales(ts + 64, &rb);
-    for (int j = 0; j < 8; ++j) {
-        out->sc[j] = load16_u8(rb.sc[j]);
-        out->m[j] = load16_u8(rb.m[j]);
-    }
+    Q4KLanes ln;
+    q4k_lanes(ts + 64, &ln);
+    for (int j = 0; j < 8; ++j)
+        out->sc[j] = _mm512_and_si512(_mm512_srli_epi32(ln.sc[j / 4], 8 * (j % 4)), _mm512_set1_epi32(0xff));
+    out->m[0] = ln.m[0];
+    out->m[1] = ln.m[1];
     out->d = load16_f16(ts);
     out->dmin = load16_f16(ts + 32);
-}
-
-// sum_j m_j * s_j over the super-block's activation block sums s8 (one token).
-static inline __m512i q4k_min_dot(const __m512i* m, const int32_t* s8) {
-    __m512i ism = _mm512_setzero_si512();
-    for (int j = 0; j < 8; ++j) ism = _mm512_add_epi32(ism, _mm512_mullo_epi32(m[j], _mm512_set1_epi32(s8[j])));
-    return ism;
 }
 
 // acc + (d * da) * float(isd) - (dmin * da) * float(ism): the end of a Q4_K super-block.
@@ -172,7 +203,9 @@ static void q4k_tile(const uint8_t* quants, const Q4KScales* dec, int64_t nsb, i
         }
         for (int i = 0; i < NT; ++i) {
             const int64_t tb = (tok0 + i) * a.nb + s * 8;
-            acc[i] = q4k_finish(acc[i], sc.d, sc.dmin, a.d[tb], isd[i], q4k_min_dot(sc.m, a.s + tb));
+            alignas(16) int8_t lh[16];
+            q4k_sum_bytes(a.s + tb, lh);
+            acc[i] = q4k_finish(acc[i], sc.d, sc.dmin, a.d[tb], isd[i], q4k_min_term(sc.m, lh));
         }
     }
     for (int i = 0; i < NT; ++i) store_rows16(out + (tok0 + i) * ldo + t * kTileRows, acc[i], valid, accumulate);
@@ -180,48 +213,55 @@ static void q4k_tile(const uint8_t* quants, const Q4KScales* dec, int64_t nsb, i
 
 // One token, NTL tiles (1 or 2), tiles t and t + dt (prefetch.h, for_tile_pairs): one pass
 // over both tiles' super-blocks, each weight stream prefetched in memory order. The high
-// nibbles are not shifted down: dpbusd of (byte & 0xf0) gives 16 times their dot, an exact
-// multiple that one shift at the end undoes, which saves a shift per vector and splits the
-// dot into two independent chains.
+// nibbles are not shifted down: dpbusd of (byte & 0xf0) gives 16 times their dot. Each half's
+// dot fits int16 (16 * 15 * 128), so the two go into one lane as an int16 pair, the high one
+// by a single left shift (16 * dot << 12 = dot << 16), and one vpdpwssd against (sc_j, sc_j)
+// scales and adds both: no vpmulld.
 template <int NTL>
 __attribute__((noinline)) static void q4k_tiles_gemv(const uint8_t* quants, const uint8_t* scales, int64_t nsb,
                                                      int64_t t, int64_t dt, const ActQ8& a, float* out,
                                                      int64_t n_rows, bool accumulate) {
-    const __m512i lo4 = _mm512_set1_epi8(0x0f), hi4 = _mm512_set1_epi8(char(0xf0));
+    const __m512i lo4 = _mm512_set1_epi8(0x0f), hi4 = _mm512_set1_epi8(char(0xf0)), lo16 = _mm512_set1_epi32(0xffff);
     __m512 acc[NTL];
     for (int u = 0; u < NTL; ++u) acc[u] = _mm512_setzero_ps();
-    Q4KRowBytes rb[NTL];
     for (int64_t s = 0; s < nsb; ++s) {
         const uint8_t* ts[NTL];
         const uint8_t* tq[NTL];
+        Q4KLanes ln[NTL];
         __m512i isd[NTL];
         for (int u = 0; u < NTL; ++u) {
             ts[u] = scales + ((t + u * dt) * nsb + s) * kQ4KTileScales;
             tq[u] = quants + ((t + u * dt) * nsb + s) * kQ4KTileQuants;
-            q4k_unpack_scales(ts[u] + 64, &rb[u]);
+            q4k_lanes(ts[u] + 64, &ln[u]);
             isd[u] = _mm512_setzero_si512();
         }
+        // Unrolled, so that each sub-block's scale pairs come from registers (q4k_scale_pairs);
+        // the empty asm keeps each prefetch with its sub-block, where the compiler would
+        // otherwise gather all 64 in front of the super-block's work (and one core read Q4_K a
+        // third slower from memory).
+#pragma GCC unroll 8
         for (int j = 0; j < 8; ++j) {
             const int8_t* x = a.q + (s * 8 + j) * kBlock;
+#pragma GCC unroll 2
             for (int u = 0; u < NTL; ++u) {
                 const uint8_t* sub = tq[u] + 256 * j;
                 prefetch_ahead(sub, 256);
+                __asm__ volatile("" ::: "memory");
                 __m512i dlo = _mm512_setzero_si512(), dhi = _mm512_setzero_si512();
                 for (int v = 0; v < 4; ++v) {
                     const __m512i raw = _mm512_loadu_si512(sub + v * 64);
                     dlo = _mm512_dpbusd_epi32(dlo, _mm512_and_si512(raw, lo4), bcast4(x + 4 * v));
                     dhi = _mm512_dpbusd_epi32(dhi, _mm512_and_si512(raw, hi4), bcast4(x + 16 + 4 * v));
                 }
-                const __m512i dot = _mm512_add_epi32(dlo, _mm512_srai_epi32(dhi, 4));
-                isd[u] = _mm512_add_epi32(isd[u], _mm512_mullo_epi32(dot, load16_u8(rb[u].sc[j])));
+                const __m512i pair = select_bits(dlo, _mm512_slli_epi32(dhi, 12), lo16);
+                isd[u] = _mm512_dpwssd_epi32(isd[u], pair, q4k_scale_pairs(ln[u], j));
             }
         }
-        for (int u = 0; u < NTL; ++u) {
-            __m512i m[8];
-            for (int j = 0; j < 8; ++j) m[j] = load16_u8(rb[u].m[j]);
+        alignas(16) int8_t lh[16];
+        q4k_sum_bytes(a.s + s * 8, lh);
+        for (int u = 0; u < NTL; ++u)
             acc[u] = q4k_finish(acc[u], load16_f16(ts[u]), load16_f16(ts[u] + 32), a.d[s * 8], isd[u],
-                                q4k_min_dot(m, a.s + s * 8));
-        }
+                                q4k_min_term(ln[u].m, lh));
     }
     for (int u = 0; u < NTL; ++u)
         store_rows16(out + (t + u * dt) * kTileRows, acc[u], n_rows - (t + u * dt) * kTileRows, accumulate);

@@ -30,7 +30,15 @@ static inline __m512i emu_srai_epi32(__m512i v, int n) {
     for (int i = 0; i < 16; ++i) a[i] >>= n;  // arithmetic, as vpsrad
     return _mm512_loadu_si512(a);
 }
+static inline __m128i emu_cvtepi32_epi8(__m512i v) {
+    int32_t a[16];
+    int8_t b[16];
+    _mm512_storeu_si512(a, v);
+    for (int i = 0; i < 16; ++i) b[i] = int8_t(uint32_t(a[i]) & 0xff);  // truncates, as vpmovdb
+    return _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
+}
 #define _mm512_cvtepi32_ps emu_cvtepi32_ps
+#define _mm512_cvtepi32_epi8 emu_cvtepi32_epi8
 #define _mm512_cvtph_ps emu_cvtph_ps
 #define _mm512_cvtepu8_epi32 emu_widen_bytes<uint8_t>
 #define _mm512_cvtepi8_epi32 emu_widen_bytes<int8_t>
