@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Memory read bandwidth of this machine: every byte of a 1 GiB buffer read by N threads,
-best of several passes (the figure token generation is measured against).
+best of several passes of the fastest read pattern (the figure token generation is measured
+against; llamacpu.bench.READ_PATTERNS lists the patterns tried).
 
     python bench/bandwidth.py --threads 2 [--mib 1024] [--reps 7] [--json]
 """
@@ -11,6 +12,7 @@ import json
 import numpy as np
 
 from llamacpu import _core
+from llamacpu.bench import fastest_read_pattern
 
 
 def main():
@@ -21,13 +23,15 @@ def main():
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     buf = np.ones(a.mib << 20, np.uint8)  # touched, so every page is real
-    _core.read_seconds(buf, a.threads)
-    times = sorted(_core.read_seconds(buf, a.threads) for _ in range(a.reps))
+    streams, prefetch = fastest_read_pattern(buf, a.threads)
+    times = sorted(_core.read_seconds(buf, a.threads, streams, prefetch) for _ in range(a.reps))
     gbps = buf.nbytes / times[0] / 1e9
     median = buf.nbytes / times[len(times) // 2] / 1e9
-    print(f"read bandwidth, {a.threads} thread(s): {gbps:.1f} GB/s best, {median:.1f} GB/s median")
+    how = f"{streams} stream(s) per MiB, {'with' if prefetch else 'without'} prefetch"
+    print(f"read bandwidth, {a.threads} thread(s): {gbps:.1f} GB/s best, {median:.1f} GB/s median ({how})")
     if a.json:
-        print(json.dumps({"threads": a.threads, "gbps": gbps, "median_gbps": median}))
+        print(json.dumps({"threads": a.threads, "gbps": gbps, "median_gbps": median, "streams": streams,
+                          "prefetch": prefetch}))
 
 
 if __name__ == "__main__":

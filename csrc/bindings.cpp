@@ -432,17 +432,20 @@ py::array_t<float> cache_rows(KVCache& c, int64_t layer, int64_t head, int64_t n
 
 // Reads every 8-byte word of buf with n_threads threads: the memory bandwidth reference for
 // token generation, which streams every weight once per token. Returns the XOR of the words
-// (so a test can tell that all of them were read) and the seconds taken.
-std::pair<uint64_t, double> read_all(py::buffer buf, int n_threads) {
+// (so a test can tell that all of them were read) and the seconds taken. Each 1 MiB chunk is
+// read as `streams` side-by-side parts (1, 2 or 4), with software prefetch ahead as the GEMV
+// kernels do or without: which reads fastest depends on the core (on a Zen 3 core four
+// prefetched streams read 10-20% more than one plain stream; on a Zen 4 core the same four
+// streams read 6-14% more without the prefetch), so callers try several
+// (llamacpu.bench.READ_PATTERNS) and keep the fastest: the probe should find the most this
+// machine reads, not a figure the kernels beat.
+std::pair<uint64_t, double> read_all(py::buffer buf, int n_threads, int streams, bool prefetch) {
+    need(streams == 1 || streams == 2 || streams == 4, "read probe: streams is 1, 2 or 4");
     py::buffer_info info = buf.request();
     const auto* p = static_cast<const uint64_t*>(info.ptr);
     const int64_t words = info.size * info.itemsize / 8;
     constexpr int64_t kChunk = 1 << 17;  // 1 MiB of uint64
     constexpr int64_t kPrefetchWords = kPrefetchBytes / 8;
-    // A chunk's quarters are read side by side: four streams in flight read 10-20% more on
-    // one core here than one stream did (two: +10%, eight: no more than one), and the probe
-    // should find the most this machine reads, not a figure the kernels beat.
-    constexpr int kStreams = 4;
     const int64_t chunks = (words + kChunk - 1) / kChunk;
     ThreadPool pool(n_threads);
     std::vector<uint64_t> sink(size_t(n_threads) * 8, 0);
@@ -450,24 +453,29 @@ std::pair<uint64_t, double> read_all(py::buffer buf, int n_threads) {
     const auto t0 = std::chrono::steady_clock::now();
     pool.run(chunks, [&](int64_t c, int thread) {
         // 16-byte vector loads (SSE2 / NEON, in every build) into independent accumulators,
-        // with software prefetch ahead as the GEMV kernels do.
+        // each its own variable: copied into an array instead, the words took a round trip
+        // through the stack, and the probe read about half what the kernels read.
         typedef uint64_t v2u64 __attribute__((vector_size(16)));
         const int64_t a = c * kChunk, b = std::min(words, a + kChunk);
-        const int64_t part = (b - a) / (8 * kStreams) * 8;
+        const int64_t part = (b - a) / (8 * streams) * 8;
         v2u64 x0 = {0, 0}, x1 = x0, x2 = x0, x3 = x0;
         for (int64_t i = a; i < a + part; i += 8) {
-            for (int s = 0; s < kStreams; ++s) {
-                __builtin_prefetch(p + i + s * part + kPrefetchWords);
-                v2u64 v[4];
-                std::memcpy(v, p + i + s * part, sizeof v);
-                x0 ^= v[0];
-                x1 ^= v[1];
-                x2 ^= v[2];
-                x3 ^= v[3];
+            for (int s = 0; s < streams; ++s) {
+                if (prefetch) __builtin_prefetch(p + i + s * part + kPrefetchWords);
+                const uint64_t* q = p + i + s * part;
+                v2u64 v0, v1, v2, v3;
+                std::memcpy(&v0, q, 16);
+                std::memcpy(&v1, q + 2, 16);
+                std::memcpy(&v2, q + 4, 16);
+                std::memcpy(&v3, q + 6, 16);
+                x0 ^= v0;
+                x1 ^= v1;
+                x2 ^= v2;
+                x3 ^= v3;
             }
         }
         uint64_t r = 0;
-        for (int64_t i = a + kStreams * part; i < b; ++i) r ^= p[i];
+        for (int64_t i = a + streams * part; i < b; ++i) r ^= p[i];
         const v2u64 x = x0 ^ x1 ^ x2 ^ x3;
         sink[size_t(thread) * 8] ^= r ^ x[0] ^ x[1];
     });
@@ -511,11 +519,15 @@ PYBIND11_MODULE(_core, m) {
         d["dotprod"] = f.dotprod;
         return d;
     });
-    m.def("read_seconds", [](py::buffer buf, int n_threads) { return read_all(buf, n_threads).second; },
-          py::arg("buffer"), py::arg("n_threads"),
-          "Seconds to read every 8-byte word of buffer with n threads (memory bandwidth probe)");
-    m.def("read_xor", [](py::buffer buf, int n_threads) { return read_all(buf, n_threads).first; },
-          py::arg("buffer"), py::arg("n_threads"), "XOR of the words read_seconds reads (for tests)");
+    m.def("read_seconds", [](py::buffer buf, int n_threads, int streams, bool prefetch) {
+              return read_all(buf, n_threads, streams, prefetch).second;
+          }, py::arg("buffer"), py::arg("n_threads"), py::arg("streams") = 4, py::arg("prefetch") = true,
+          "Seconds to read every 8-byte word of buffer with n threads, each 1 MiB chunk as `streams` "
+          "side-by-side parts (1, 2 or 4), prefetched ahead or not (memory bandwidth probe)");
+    m.def("read_xor", [](py::buffer buf, int n_threads, int streams, bool prefetch) {
+              return read_all(buf, n_threads, streams, prefetch).first;
+          }, py::arg("buffer"), py::arg("n_threads"), py::arg("streams") = 4, py::arg("prefetch") = true,
+          "XOR of the words read_seconds reads (for tests)");
     m.def("usable_isas", [] {
         std::vector<std::string> names;
         for (const KernelTable* k : usable_tables()) names.push_back(k->name);

@@ -49,24 +49,37 @@ def test_kquants_buffers_start_on_a_page_like_a_mapped_tensor():
 
 
 def test_bandwidth_reports_a_rate():
+    from llamacpu.bench import READ_PATTERNS
+
     got = run_json(BENCH / "bandwidth.py", "--mib", 8, "--reps", 2)
     assert got["gbps"] >= got["median_gbps"] > 0
+    assert (got["streams"], got["prefetch"]) in READ_PATTERNS
 
 
 @pytest.mark.parametrize("words", [0, 1, 7, 31, 32, 33, 1000, (1 << 17) + 45, 3 * (1 << 17) + 8 * 4 * 3 + 5])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_bandwidth_probe_reads_every_word(words, threads):
+@pytest.mark.parametrize("streams, prefetch", [(4, True), (2, True), (2, False), (1, False), (1, True)])
+def test_bandwidth_probe_reads_every_word(words, threads, streams, prefetch):
     # Chunk and stream boundaries, tails shorter than a stream's step, several chunks per
-    # thread: a probe that skipped bytes would report a bandwidth it never reached.
+    # thread, each read pattern: a probe that skipped bytes would report a bandwidth it never
+    # reached.
     from llamacpu import _core
 
     rng = np.random.default_rng(words)
     buf = rng.integers(0, 2**63, size=words, dtype=np.uint64)
     want = int(np.bitwise_xor.reduce(buf)) if words else 0
-    assert _core.read_xor(buf, threads) == want
+    assert _core.read_xor(buf, threads, streams, prefetch) == want
     # A byte past the last whole word is not a word: the probe ignores it.
     extra = np.concatenate([buf.view(np.uint8), np.array([0xAB], np.uint8)])
-    assert _core.read_xor(extra, threads) == want
+    assert _core.read_xor(extra, threads, streams, prefetch) == want
+
+
+@pytest.mark.parametrize("streams", [0, 3, 8, -1])
+def test_bandwidth_probe_refuses_other_stream_counts(streams):
+    from llamacpu import _core
+
+    with pytest.raises(ValueError, match="streams is 1, 2 or 4"):
+        _core.read_seconds(np.zeros(64, np.uint64), 1, streams, True)
 
 
 def test_models_ab_compares_files_per_byte(stories_models):

@@ -244,6 +244,10 @@ def test_bench_json_reports_speed_memory_and_bandwidth(stories_models):
     assert all(b >= g for b, g in zip(r["read_gbps_best_during_tg"], r["read_gbps_during_tg"]))
     assert r["tg_share_of_read"] == pytest.approx(sum(r["tg_share_all"]) / 2, rel=1e-3)  # median of two
     assert 0 < r["tg_share_of_best_read"] <= r["tg_share_of_read"]
+    # The probe's pattern is one of those it tries, picked on this machine.
+    from llamacpu.bench import READ_PATTERNS
+
+    assert (r["read_pattern"]["streams"], r["read_pattern"]["prefetch"]) in READ_PATTERNS
     assert r["peak_rss_mib"] > r["file_mib"] and r["load_warm_s"] > 0 and r["python_us_per_token"] > 0
     assert "GB/token" in lines[0] and "of the weights' read bandwidth" in lines[0]
 
