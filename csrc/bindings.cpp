@@ -436,7 +436,7 @@ py::array_t<float> cache_rows(KVCache& c, int64_t layer, int64_t head, int64_t n
 // read as `streams` side-by-side parts (1, 2 or 4), with software prefetch ahead as the GEMV
 // kernels do or without: which reads fastest depends on the core (on a Zen 3 core four
 // prefetched streams read 10-20% more than one plain stream; on a Zen 4 core the same four
-// streams read 6-14% more without the prefetch), so callers try several
+// streams read about 18% more without the prefetch), so callers try several
 // (llamacpu.bench.READ_PATTERNS) and keep the fastest: the probe should find the most this
 // machine reads, not a figure the kernels beat.
 std::pair<uint64_t, double> read_all(py::buffer buf, int n_threads, int streams, bool prefetch) {
