@@ -517,8 +517,12 @@ PYBIND11_MODULE(_core, m) {
         d["avx512vnni"] = f.avx512vnni;
         d["neon"] = f.neon;
         d["dotprod"] = f.dotprod;
+        d["vendor"] = f.vendor;
         return d;
     });
+    m.def("software_prefetch", &software_prefetch,
+          "Whether the single-token kernels prefetch ahead (chosen by CPU when the library loads; "
+          "LLAMACPU_PREFETCH=0 or 1 overrides)");
     m.def("read_seconds", [](py::buffer buf, int n_threads, int streams, bool prefetch) {
               return read_all(buf, n_threads, streams, prefetch).second;
           }, py::arg("buffer"), py::arg("n_threads"), py::arg("streams") = 4, py::arg("prefetch") = true,

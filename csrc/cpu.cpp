@@ -1,5 +1,6 @@
 #include "cpu.h"
 
+#include <cstdlib>
 #include <cstring>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -21,6 +22,14 @@ static uint64_t xgetbv0() {
 static CpuFeatures detect() {
     CpuFeatures f;
     unsigned a, b, c, d;
+    if (__get_cpuid(0, &a, &b, &c, &d)) {
+        char v[13];
+        std::memcpy(v, &b, 4);
+        std::memcpy(v + 4, &d, 4);
+        std::memcpy(v + 8, &c, 4);
+        v[12] = 0;
+        f.vendor = v;
+    }
     if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
     const bool osxsave = c & (1u << 27);
     f.fma = c & (1u << 12);
@@ -68,6 +77,25 @@ const CpuFeatures& cpu_features() {
     static const CpuFeatures f = detect();
     return f;
 }
+
+// Software prefetch ahead of the single-token kernels' weight streams read 15-20% more on a
+// Zen 3 core (AVX2) and is what the Intel Xeon measurements of the two-tile passes ran with;
+// on a Zen 4 core the hardware prefetcher reads faster alone (AVX-512 path, from memory, one
+// core: Q4_0 +4-7%, Q4_K +6-8%, Q6_K +27%, Q8_0 +18-28% without it; bench/README.md). AMD's
+// AVX-512 cores (Zen 4 and later) therefore go without, every other CPU with it.
+// LLAMACPU_PREFETCH=0 or 1, read when the library loads, overrides the choice.
+static bool decide_software_prefetch() {
+    if (const char* e = std::getenv("LLAMACPU_PREFETCH")) {
+        if (std::strcmp(e, "0") == 0) return false;
+        if (std::strcmp(e, "1") == 0) return true;
+    }
+    const CpuFeatures& f = cpu_features();
+    return !(f.vendor == "AuthenticAMD" && f.avx512f);
+}
+
+bool g_software_prefetch = decide_software_prefetch();
+
+bool software_prefetch() { return g_software_prefetch; }
 
 std::vector<const KernelTable*> usable_tables() {
     const CpuFeatures& f = cpu_features();

@@ -12,10 +12,13 @@ struct CpuFeatures {
     bool avx2 = false, fma = false, f16c = false;
     bool avx512f = false, avx512bw = false, avx512vl = false, avx512vnni = false;
     bool neon = false, dotprod = false;
-    std::string brand;
+    std::string brand, vendor;  // vendor: CPUID's 12-character id (x86), e.g. "AuthenticAMD"
 };
 
 const CpuFeatures& cpu_features();
+
+// Whether the single-token kernels issue software prefetches (prefetch.h, g_software_prefetch).
+bool software_prefetch();
 
 // Kernel tables this build has and this CPU can run, best first; "scalar" is always last.
 // Emulated tables (built only for tests) are listed after it.

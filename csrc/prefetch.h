@@ -1,9 +1,10 @@
 // Software prefetch and stream order for the single-token GEMV kernels.
 //
 // Generating a token streams every weight from memory with only a few integer ops per byte in
-// between, and the hardware prefetcher alone keeps too few loads in flight: asking for the
-// bytes kPrefetchBytes ahead of those about to be used brings a core to about the read
-// bandwidth (+15-20% GB/s on one AVX2 core here, bench/kquants.py). Prefetches never fault, so
+// between, and on a Zen 3 core the hardware prefetcher alone kept too few loads in flight:
+// asking for the bytes kPrefetchBytes ahead of those about to be used read 15-20% more there
+// (one AVX2 core, bench/kquants.py). A Zen 4 core's prefetcher reads faster without that help,
+// so the choice is made per CPU when the library loads (cpu.cpp). Prefetches never fault, so
 // running past the end of a matrix is harmless.
 #pragma once
 
@@ -14,8 +15,13 @@ namespace llamacpu {
 
 constexpr int64_t kPrefetchBytes = 1024;
 
+// Set once when the library loads, by CPU (cpu.cpp, decide_software_prefetch): off where the
+// hardware prefetcher reads faster alone.
+extern bool g_software_prefetch;
+
 // n: the bytes at p the caller is about to use, a multiple of 64.
 static inline void prefetch_ahead(const uint8_t* p, int64_t n) {
+    if (!g_software_prefetch) return;
     for (int64_t l = 0; l < n; l += 64) __builtin_prefetch(p + kPrefetchBytes + l);
 }
 

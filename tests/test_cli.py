@@ -211,6 +211,7 @@ def test_info_names_the_isa_and_threads(model, isa):
     f = info_fields(proc)
     assert f["isa"].split()[0] == isa
     assert f["threads"].split()[0] == "3"
+    assert f["prefetch"].split()[0] == ("on" if _core.software_prefetch() else "off")
     assert f["n_layers"] == "5" and f["vocab_size"] == "512" and f["quantization"].startswith("f32")
 
 
@@ -248,6 +249,7 @@ def test_bench_json_reports_speed_memory_and_bandwidth(stories_models):
     from llamacpu.bench import READ_PATTERNS
 
     assert (r["read_pattern"]["streams"], r["read_pattern"]["prefetch"]) in READ_PATTERNS
+    assert r["kernel_prefetch"] is _core.software_prefetch()
     assert r["peak_rss_mib"] > r["file_mib"] and r["load_warm_s"] > 0 and r["python_us_per_token"] > 0
     assert "GB/token" in lines[0] and "of the weights' read bandwidth" in lines[0]
 

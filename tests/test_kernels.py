@@ -960,3 +960,61 @@ BAD_CALLS = bad_calls()
 def test_bad_input_raises_value_error(name):
     with pytest.raises(ValueError):
         BAD_CALLS[name]()
+
+
+# ---- software prefetch ------------------------------------------------------------------
+
+_PREFETCH_PROBE = r"""
+import sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import kquants
+from llamacpu import _core
+
+rng = np.random.default_rng(0)
+w = rng.standard_normal((80, 512)).astype(np.float32)  # 5 tiles: two pairs and one alone
+x = rng.standard_normal((1, 512)).astype(np.float32)
+outs = {}
+for isa in _core.usable_isas():
+    backend = _core.Backend(1, isa)
+    for name, dt in kquants.FORMATS.items():
+        m, buf = kquants.make_matrix(dt, w)
+        out = np.zeros((1, 80), np.float32)
+        backend.matmul(m, x, out)
+        outs[isa + "-" + name] = out
+np.savez(sys.argv[2], flag=_core.software_prefetch(), **outs)
+"""
+
+
+def test_software_prefetch_follows_the_environment_and_never_changes_a_result(tmp_path):
+    """LLAMACPU_PREFETCH=0 / 1, read when the library loads, turns the single-token kernels'
+    software prefetch off / on; every path gives the same bits either way."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    got = {}
+    for flag in ("0", "1"):
+        out = tmp_path / f"prefetch{flag}.npz"
+        env = dict(os.environ, LLAMACPU_PREFETCH=flag)
+        subprocess.run([sys.executable, "-c", _PREFETCH_PROBE, str(REPO / "bench"), str(out)], env=env, check=True,
+                       timeout=120)
+        got[flag] = np.load(out)
+    assert not got["0"]["flag"] and got["1"]["flag"]
+    names = [n for n in got["0"].files if n != "flag"]
+    assert len(names) == 5 * len(_core.usable_isas())
+    for n in names:
+        assert np.isfinite(got["0"][n]).all() and np.abs(got["0"][n]).max() > 0, n
+        assert got["0"][n].tobytes() == got["1"][n].tobytes(), n
+
+
+def test_software_prefetch_choice_is_reported():
+    # Off only on AMD's AVX-512 cores (cpu.cpp), unless the environment says otherwise.
+    import os
+
+    env = os.environ.get("LLAMACPU_PREFETCH")
+    f = _core.cpu_features()
+    want = {"0": False, "1": True}.get(env, not (f["vendor"] == "AuthenticAMD" and f["avx512f"]))
+    assert _core.software_prefetch() is want

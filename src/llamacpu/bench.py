@@ -116,6 +116,7 @@ def generate_probed(mm, span, threads: int, logits, n_gen: int, greedy, seg: int
 
 def run_bench(model: str, threads=None, n_prompt: int = 512, n_gen: int = 128, reps: int = 3, isa=None,
               cold: bool = True, max_others: float = 0.15, max_retries: int = 4, log=print, n_batch: int = 64) -> dict:
+    from . import _core
     from .llama import Llama
 
     n_ctx = max(n_prompt + n_gen + 8, 256)
@@ -201,6 +202,7 @@ def run_bench(model: str, threads=None, n_prompt: int = 512, n_gen: int = 128, r
         "tg_share_of_read": statistics.median(x[0] for x in shares), "tg_share_of_best_read": statistics.median(x[1] for x in shares),
         "tg_share_all": [round(x[0], 4) for x in shares],
         "read_pattern": {"streams": pattern[0], "prefetch": pattern[1]},
+        "kernel_prefetch": _core.software_prefetch(),
     }
     llm.close()
     return r

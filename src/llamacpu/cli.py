@@ -296,6 +296,8 @@ def cmd_info(args):
         print(f"cpu:           {feats.get('brand') or 'unknown'} ({', '.join(flags) or 'no SIMD extensions'})",
               file=out)
         print(f"isa:           {backend.name} (available: {', '.join(_core.usable_isas())})", file=out)
+        print(f"prefetch:      {'on' if _core.software_prefetch() else 'off'} (software prefetch in the single-token "
+              f"kernels, chosen for this CPU; LLAMACPU_PREFETCH=0 or 1 overrides)", file=out)
         print(f"threads:       {n_threads} (default = physical cores: {default_threads()})", file=out)
         ctx = args.ctx or min(cfg.max_seq_len, 8192)
         kv_el = 4 if all(t.dtype == "f32" for t in meta.tensors.values()) else 2
