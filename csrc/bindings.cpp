@@ -520,7 +520,7 @@ PYBIND11_MODULE(_core, m) {
         d["vendor"] = f.vendor;
         return d;
     });
-    m.def("software_prefetch", &software_prefetch,
+    m.def("software_prefetch", [] { return g_software_prefetch; },
           "Whether the single-token kernels prefetch ahead (chosen by CPU when the library loads; "
           "LLAMACPU_PREFETCH=0 or 1 overrides)");
     m.def("read_seconds", [](py::buffer buf, int n_threads, int streams, bool prefetch) {

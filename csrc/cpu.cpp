@@ -1,4 +1,5 @@
 #include "cpu.h"
+#include "prefetch.h"
 
 #include <cstdlib>
 #include <cstring>
@@ -94,8 +95,6 @@ static bool decide_software_prefetch() {
 }
 
 bool g_software_prefetch = decide_software_prefetch();
-
-bool software_prefetch() { return g_software_prefetch; }
 
 std::vector<const KernelTable*> usable_tables() {
     const CpuFeatures& f = cpu_features();

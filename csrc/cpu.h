@@ -17,9 +17,6 @@ struct CpuFeatures {
 
 const CpuFeatures& cpu_features();
 
-// Whether the single-token kernels issue software prefetches (prefetch.h, g_software_prefetch).
-bool software_prefetch();
-
 // Kernel tables this build has and this CPU can run, best first; "scalar" is always last.
 // Emulated tables (built only for tests) are listed after it.
 std::vector<const KernelTable*> usable_tables();
