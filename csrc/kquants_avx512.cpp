@@ -145,7 +145,14 @@ static inline void q4k_sum_bytes(const int32_t* sums, int8_t* lh) {
     const __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sums));
     const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(s, _mm256_set1_epi32(127))),
                                             _mm256_srai_epi32(s, 7), 1);
-    _mm_store_si128(reinterpret_cast<__m128i*>(lh), _mm512_cvtepi32_epi8(both));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(lh), _mm512_cvtepi32_epi8(both));
+}
+
+// q4k_sum_bytes of every token and super-block of a call, computed once for all its tiles:
+// out[(tok * nsb + s) * 16 ..].
+static void q4k_call_sum_bytes(const ActQ8& a, int64_t nsb, int8_t* out) {
+    for (int64_t tok = 0; tok < a.T; ++tok)
+        for (int64_t s = 0; s < nsb; ++s) q4k_sum_bytes(a.s + tok * a.nb + s * 8, out + (tok * nsb + s) * 16);
 }
 
 // sum_j m_j * s_j per row: the l and h halves of the sums (q4k_sum_bytes) against the mins of
@@ -181,10 +188,11 @@ static inline __m512 q4k_finish(__m512 acc, __m512 d, __m512 dmin, float da, __m
     return _mm512_fnmadd_ps(_mm512_mul_ps(dmin, vda), _mm512_cvtepi32_ps(ism), acc);
 }
 
-// NT tokens from tok0 against tile t; dec: the tile's decoded scales, one per super-block.
+// NT tokens from tok0 against tile t; dec: the tile's decoded scales, one per super-block; lh:
+// the call's q4k_call_sum_bytes.
 template <int NT>
-static void q4k_tile(const uint8_t* quants, const Q4KScales* dec, int64_t nsb, int64_t t, const ActQ8& a,
-                     int64_t tok0, float* out, int64_t ldo, int64_t valid, bool accumulate) {
+static void q4k_tile(const uint8_t* quants, const Q4KScales* dec, const int8_t* lh, int64_t nsb, int64_t t,
+                     const ActQ8& a, int64_t tok0, float* out, int64_t ldo, int64_t valid, bool accumulate) {
     __m512 acc[NT];
     for (int i = 0; i < NT; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t s = 0; s < nsb; ++s) {
@@ -203,9 +211,7 @@ static void q4k_tile(const uint8_t* quants, const Q4KScales* dec, int64_t nsb, i
         }
         for (int i = 0; i < NT; ++i) {
             const int64_t tb = (tok0 + i) * a.nb + s * 8;
-            alignas(16) int8_t lh[16];
-            q4k_sum_bytes(a.s + tb, lh);
-            acc[i] = q4k_finish(acc[i], sc.d, sc.dmin, a.d[tb], isd[i], q4k_min_term(sc.m, lh));
+            acc[i] = q4k_finish(acc[i], sc.d, sc.dmin, a.d[tb], isd[i], q4k_min_term(sc.m, lh + ((tok0 + i) * nsb + s) * 16));
         }
     }
     for (int i = 0; i < NT; ++i) store_rows16(out + (tok0 + i) * ldo + t * kTileRows, acc[i], valid, accumulate);
@@ -218,8 +224,8 @@ static void q4k_tile(const uint8_t* quants, const Q4KScales* dec, int64_t nsb, i
 // by a single left shift (16 * dot << 12 = dot << 16), and one vpdpwssd against (sc_j, sc_j)
 // scales and adds both: no vpmulld.
 template <int NTL>
-__attribute__((noinline)) static void q4k_tiles_gemv(const uint8_t* quants, const uint8_t* scales, int64_t nsb,
-                                                     int64_t t, int64_t dt, const ActQ8& a, float* out,
+__attribute__((noinline)) static void q4k_tiles_gemv(const uint8_t* quants, const uint8_t* scales, const int8_t* lh,
+                                                     int64_t nsb, int64_t t, int64_t dt, const ActQ8& a, float* out,
                                                      int64_t n_rows, bool accumulate) {
     const __m512i lo4 = _mm512_set1_epi8(0x0f), hi4 = _mm512_set1_epi8(char(0xf0)), lo16 = _mm512_set1_epi32(0xffff);
     __m512 acc[NTL];
@@ -257,11 +263,9 @@ __attribute__((noinline)) static void q4k_tiles_gemv(const uint8_t* quants, cons
                 isd[u] = _mm512_dpwssd_epi32(isd[u], pair, q4k_scale_pairs(ln[u], j));
             }
         }
-        alignas(16) int8_t lh[16];
-        q4k_sum_bytes(a.s + s * 8, lh);
         for (int u = 0; u < NTL; ++u)
             acc[u] = q4k_finish(acc[u], load16_f16(ts[u]), load16_f16(ts[u] + 32), a.d[s * 8], isd[u],
-                                q4k_min_term(ln[u].m, lh));
+                                q4k_min_term(ln[u].m, lh + s * 16));
     }
     for (int u = 0; u < NTL; ++u)
         store_rows16(out + (t + u * dt) * kTileRows, acc[u], n_rows - (t + u * dt) * kTileRows, accumulate);
@@ -346,10 +350,10 @@ __attribute__((noinline)) static void q6k_tiles_gemv(const uint8_t* quants, cons
 }
 
 template <int32_t kType, int NT>
-static inline void tile(const uint8_t* w, const uint8_t* scales, const Q4KScales* dec, const int32_t* offs,
-                        int64_t nsb, int64_t t, const ActQ8& a, int64_t tok0, float* out, int64_t ldo, int64_t valid,
-                        bool accumulate) {
-    if (kType == kQ4_K) q4k_tile<NT>(w, dec, nsb, t, a, tok0, out, ldo, valid, accumulate);
+static inline void tile(const uint8_t* w, const uint8_t* scales, const Q4KScales* dec, const int8_t* lh,
+                        const int32_t* offs, int64_t nsb, int64_t t, const ActQ8& a, int64_t tok0, float* out,
+                        int64_t ldo, int64_t valid, bool accumulate) {
+    if (kType == kQ4_K) q4k_tile<NT>(w, dec, lh, nsb, t, a, tok0, out, ldo, valid, accumulate);
     else q6k_tile<NT>(w, scales, offs, nsb, t, a, tok0, out, ldo, valid, accumulate);
 }
 
@@ -360,10 +364,12 @@ static void matmul(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, i
     const uint8_t* scales = w + n_tiles(n_rows) * nsb * k_tile_quant_bytes(kType);
     std::vector<int32_t> offs(kType == kQ6_K ? size_t(2 * a.nb * a.T) : 0);
     if (kType == kQ6_K) q6_offsets(a, offs.data());
+    std::vector<int8_t> lh(kType == kQ4_K ? size_t(a.T * nsb * 16) : 0);
+    if (kType == kQ4_K) q4k_call_sum_bytes(a, nsb, lh.data());
     if (a.T == 1) {
         for_tile_pairs(tile0, tile1, [&](auto n, int64_t t, int64_t dt) {
             constexpr int kNtl = decltype(n)::value;
-            if constexpr (kType == kQ4_K) q4k_tiles_gemv<kNtl>(w, scales, nsb, t, dt, a, out, n_rows, accumulate);
+            if constexpr (kType == kQ4_K) q4k_tiles_gemv<kNtl>(w, scales, lh.data(), nsb, t, dt, a, out, n_rows, accumulate);
             else q6k_tiles_gemv<kNtl>(w, scales, offs.data(), nsb, t, dt, a, out, n_rows, accumulate);
         });
         return;
@@ -375,9 +381,9 @@ static void matmul(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, i
             for (int64_t s = 0; s < nsb; ++s) q4k_decode(scales + (t * nsb + s) * kQ4KTileScales, &dec[size_t(s)]);
         const int64_t valid = n_rows - t * kTileRows;
         int64_t tok = 0;
-        for (; tok + 8 <= a.T; tok += 8) tile<kType, 8>(w, scales, dec.data(), offs.data(), nsb, t, a, tok, out, ldo, valid, accumulate);
-        for (; tok + 4 <= a.T; tok += 4) tile<kType, 4>(w, scales, dec.data(), offs.data(), nsb, t, a, tok, out, ldo, valid, accumulate);
-        for (; tok < a.T; ++tok) tile<kType, 1>(w, scales, dec.data(), offs.data(), nsb, t, a, tok, out, ldo, valid, accumulate);
+        for (; tok + 8 <= a.T; tok += 8) tile<kType, 8>(w, scales, dec.data(), lh.data(), offs.data(), nsb, t, a, tok, out, ldo, valid, accumulate);
+        for (; tok + 4 <= a.T; tok += 4) tile<kType, 4>(w, scales, dec.data(), lh.data(), offs.data(), nsb, t, a, tok, out, ldo, valid, accumulate);
+        for (; tok < a.T; ++tok) tile<kType, 1>(w, scales, dec.data(), lh.data(), offs.data(), nsb, t, a, tok, out, ldo, valid, accumulate);
     }
 }
 
