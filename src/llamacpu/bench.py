@@ -200,7 +200,7 @@ def run_bench(model: str, threads=None, n_prompt: int = 512, n_gen: int = 128, r
         "python_us_per_token": py_cost * 1e6, "others_cores": noise,
         "read_gbps_during_tg": [p[0] for p in probes], "read_gbps_best_during_tg": [p[1] for p in probes],
         "tg_share_of_read": statistics.median(x[0] for x in shares), "tg_share_of_best_read": statistics.median(x[1] for x in shares),
-        "tg_share_all": [round(x[0], 4) for x in shares],
+        "tg_share_all": [x[0] for x in shares],
         "read_pattern": {"streams": pattern[0], "prefetch": pattern[1]},
         "kernel_prefetch": _core.software_prefetch(),
     }
