@@ -254,6 +254,18 @@ def test_bench_json_reports_speed_memory_and_bandwidth(stories_models):
     assert "GB/token" in lines[0] and "of the weights' read bandwidth" in lines[0]
 
 
+def test_bench_keeps_the_repetitions_asked_for_on_a_busy_machine(stories_models):
+    # max_others below zero: every repetition looks disturbed. Each is retried at most
+    # max_retries times in all, and then counts, so the result still holds reps of them.
+    from llamacpu.bench import run_bench
+
+    logged = []
+    r = run_bench(str(stories_models["q4_0"]), threads=1, n_prompt=8, n_gen=4, reps=3, cold=False,
+                  max_others=-1.0, max_retries=2, log=logged.append)
+    assert len(r["pp_all"]) == len(r["tg_all"]) == len(r["tg_share_all"]) == 3
+    assert len(r["others_cores"]) == 5 and sum("retried" in line for line in logged) == 2
+
+
 # ---- chat ------------------------------------------------------------------------------
 
 CHAT = ("-n", "12", "--seed", "1", "-t", "1")
