@@ -44,7 +44,7 @@ static inline void half_block_dots(const uint8_t* q, const int8_t* const* x, con
             for (int i = 0; i < NT; ++i) {
                 const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast4(x[i] + 4 * g), w));
                 dot[i] = _mm256_add_epi32(dot[i], _mm256_madd_epi16(p, ones));
-                __asm__("" : "+x"(dot[i]));  // a running sum, as below
+                running_sum(dot[i]);
             }
         }
         return;
@@ -129,9 +129,7 @@ static inline void tiles_gemv(const uint8_t* quants, const uint16_t* scales, int
                         const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[u] + g * 64 + 32 * h));
                         const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(xv, w));
                         d[u][h] = _mm256_add_epi32(d[u][h], _mm256_madd_epi16(p, ones));
-                        // A running sum: left alone, GCC reassociated the adds and spilled the
-                        // products (Q8_0 7-8% slower from memory on one core).
-                        __asm__("" : "+x"(d[u][h]));
+                        running_sum(d[u][h]);
                     }
             }
         } else {

@@ -291,15 +291,12 @@ static inline void q6_tile_sub_dots(const uint8_t* sub, const int8_t* x, const i
         for (int h = 0; h < 2; ++h) {
             const __m256i q0 = _mm256_and_si256(v[h][0], m63), q1 = _mm256_and_si256(v[h][1], m63),
                           q2 = _mm256_and_si256(v[h][2], m63);
-            // A running sum, pinned by the empty asms: left alone, GCC computed all 16 products
-            // of the two tiles first and spilled them (one core read Q6_K 6-13% slower from
-            // memory, 8% in L2).
             __m256i s = _mm256_add_epi16(_mm256_set1_epi32(offs[t]), _mm256_maddubs_epi16(q0, bcast4(xt)));
-            __asm__("" : "+x"(s));
+            running_sum(s);
             s = _mm256_add_epi16(s, _mm256_maddubs_epi16(q1, bcast4(xt + 4)));
-            __asm__("" : "+x"(s));
+            running_sum(s);
             s = _mm256_add_epi16(s, _mm256_maddubs_epi16(q2, bcast4(xt + 8)));
-            __asm__("" : "+x"(s));
+            running_sum(s);
             s = _mm256_add_epi16(s, _mm256_maddubs_epi16(q6_fourth(v[h][0], v[h][1], v[h][2], q0, q1, q2), bcast4(xt + 12)));
             sum[t][h] = s;
         }
@@ -406,7 +403,7 @@ static void q6k_tokens(const uint8_t* tq, const Q6KHalf* dec, int64_t nsb, const
                         sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(q[2], bcast4(x + 8)));
                         sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(q[3], bcast4(x + 12)));
                         dot[i] = _mm256_add_epi32(dot[i], _mm256_madd_epi16(sum, t ? hs.hi[j] : hs.lo[j]));
-                        __asm__("" : "+x"(dot[i]));  // a running sum per token (see q4_tiles_nibble_sums)
+                        running_sum(dot[i]);
                     }
                 }
             }
