@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Kernel speed of two or more builds of llamacpu, side by side: one worker process per build,
 pinned to the same core, each asked in turn (order alternating by round) for its fastest pass
-over a format's matrices; reported per build as GB/s of weights and per byte against q4_0, and
-per format as each build's speed over the first build's (median over rounds of the ratio of
-passes measured moments apart). Meant for changes of a few percent on a shared, noisy machine,
+over each format's matrices, the formats' passes interleaved from memory; reported per build as GB/s of
+weights and per byte against q4_0, and per format as each build's speed over the first build's
+(median over rounds of the ratio of passes measured moments apart). Meant for changes of a few percent on a shared, noisy machine,
 where separate runs of bench/kquants.py drift more than that.
 
     python bench/kquants_ab.py TREE_A TREE_B [...] [--formats q4_0,q4_k,q6_k] [--rounds 40]
@@ -55,19 +55,30 @@ def worker(tree: str, formats: list, regime: str, tokens: int, core: int, shape:
         mats[f] = ms
     print("ready", backend.name, flush=True)
     passes = 12 if regime == "l2" else 3
+    outs = {f: np.zeros((tokens, ms[0][0].rows), np.float32) for f, ms in mats.items()}
+    nbytes = {f: sum(b.nbytes for _, b in ms) for f, ms in mats.items()}
+
+    def one_pass(f):
+        t0 = time.perf_counter()
+        for m, _ in mats[f]:
+            backend.matmul(m, x, outs[f])
+        return time.perf_counter() - t0
+
+    # A request names formats. From memory their passes alternate (a, b, c, a, b, c, ...), so
+    # every format's best pass comes from the same stretch of time: on a shared host the
+    # bandwidth left to this core drifts from one tenth of a second to the next, and blocks
+    # of one format's passes measured in turn caught different stretches. In L2 each format
+    # keeps its block of passes: the formats' matrices together would not fit.
     for line in sys.stdin:
-        ms = mats[line.strip()]
-        out = np.zeros((tokens, ms[0][0].rows), np.float32)
-        nbytes = sum(b.nbytes for _, b in ms)
-        for m, _ in ms:
-            backend.matmul(m, x, out)
-        best = float("inf")
-        for _ in range(passes):
-            t0 = time.perf_counter()
-            for m, _ in ms:
-                backend.matmul(m, x, out)
-            best = min(best, time.perf_counter() - t0)
-        print(nbytes / best / 1e9, flush=True)
+        fs = line.split()
+        best = dict.fromkeys(fs, float("inf"))
+        for group in ([fs] if regime == "dram" else [[f] for f in fs]):
+            for f in group:
+                one_pass(f)
+            for _ in range(passes):
+                for f in group:
+                    best[f] = min(best[f], one_pass(f))
+        print(" ".join(str(nbytes[f] / best[f] / 1e9) for f in fs), flush=True)
 
 
 def main():
@@ -102,11 +113,13 @@ def main():
         paths[t] = ready[1]
     rates = {(t, f): [] for t in names for f in formats}
     for r in range(a.rounds):
-        for f in formats:
-            for t in names if r % 2 == 0 else names[::-1]:
-                procs[t].stdin.write(f + "\n")
-                procs[t].stdin.flush()
-                rates[(t, f)].append(float(procs[t].stdout.readline()))
+        # Formats and builds take turns starting, round by round.
+        fs = formats[r % len(formats):] + formats[:r % len(formats)]
+        for t in names if r % 2 == 0 else names[::-1]:
+            procs[t].stdin.write(" ".join(fs) + "\n")
+            procs[t].stdin.flush()
+            for f, v in zip(fs, procs[t].stdout.readline().split()):
+                rates[(t, f)].append(float(v))
     for p in procs.values():
         p.stdin.close()
         p.wait()
