@@ -7,14 +7,15 @@ weights and per byte against q4_0, and per format as each build's speed over the
 where separate runs of bench/kquants.py drift more than that.
 
     python bench/kquants_ab.py TREE_A TREE_B [...] [--formats q4_0,q4_k,q6_k] [--rounds 40]
-                               [--regime l2|dram] [--tokens 1] [--core 0] [--rows 4096] [--cols 4096]
-                               [--isa auto]
+                               [--regime l2|dram] [--tokens 1] [--core 0] [--threads 1] [--rows 4096]
+                               [--cols 4096] [--isa auto]
 
 TREE: a directory holding an importable llamacpu package (a site-packages, or an import tree
 of src/llamacpu plus a built _core); TREE@ISA runs that build's ISA path (avx2, avx512, ...)
 instead of --isa's, so one build's paths can be set side by side. regime l2: one matrix per
 format of about 384 KiB (within a core's L2 cache); dram: 128 MiB of copies of a rows x cols
-matrix per format.
+matrix per format. --threads N: each worker runs N threads pinned to cores core .. core + N - 1
+(the cores share the memory bus, as a multi-threaded token's matmuls do).
 """
 
 import argparse
@@ -27,8 +28,8 @@ import time
 BPW = {"q4_0": 4.5, "q4_1": 5.0, "q8_0": 8.5, "q4_k": 4.5, "q6_k": 6.5625}
 
 
-def worker(tree: str, formats: list, regime: str, tokens: int, core: int, shape: tuple, isa: str):
-    os.sched_setaffinity(0, {core})
+def worker(tree: str, formats: list, regime: str, tokens: int, core: int, threads: int, shape: tuple, isa: str):
+    os.sched_setaffinity(0, set(range(core, core + threads)))
     sys.path.insert(0, tree)
     sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
     import numpy as np
@@ -42,7 +43,7 @@ def worker(tree: str, formats: list, regime: str, tokens: int, core: int, shape:
     rng = np.random.default_rng(0)
     w = rng.standard_normal((n_rows, cols)).astype(np.float32)
     x = rng.standard_normal((tokens, cols)).astype(np.float32)
-    backend = _core.Backend(1, isa)
+    backend = _core.Backend(threads, isa)
     mats = {}
     for f in formats:
         rows = max(16, int(384 * 1024 * 8 / BPW[f] / cols) // 16 * 16) if regime == "l2" else n_rows
@@ -89,6 +90,7 @@ def main():
     ap.add_argument("--regime", choices=("l2", "dram"), default="l2")
     ap.add_argument("--tokens", type=int, default=1)
     ap.add_argument("--core", type=int, default=min(os.sched_getaffinity(0)))
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rows", type=int, default=4096, help="rows of the dram case's matrix")
     ap.add_argument("--cols", type=int, default=4096)
     ap.add_argument("--isa", default="auto", help="the kernel path of every TREE without @ISA")
@@ -96,13 +98,14 @@ def main():
     a = ap.parse_args()
     formats = a.formats.split(",")
     if a.worker:
-        return worker(a.trees[0], formats, a.regime, a.tokens, a.core, (a.rows, a.cols), a.isa)
+        return worker(a.trees[0], formats, a.regime, a.tokens, a.core, a.threads, (a.rows, a.cols), a.isa)
     names = list(a.trees)
     procs = {}
     for t in names:
         tree, _, isa = t.partition("@")
         cmd = [sys.executable, os.path.abspath(__file__), tree, "--worker", "--isa", isa or a.isa,
                "--formats", a.formats, "--regime", a.regime, "--tokens", str(a.tokens), "--core", str(a.core),
+               "--threads", str(a.threads),
                "--rows", str(a.rows), "--cols", str(a.cols)]
         procs[t] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     paths = {}
@@ -124,7 +127,7 @@ def main():
         p.stdin.close()
         p.wait()
     med = lambda a, b: statistics.median(x / y for x, y in zip(a, b))  # noqa: E731
-    print(f"regime {a.regime}, {a.tokens} token(s), {a.rounds} rounds, core {a.core}: best GB/s of weights; "
+    print(f"regime {a.regime}, {a.tokens} token(s), {a.rounds} rounds, {a.threads} thread(s) from core {a.core}: best GB/s of weights; "
           "per byte against q4_0 and against the first build (median over rounds)")
     for t in names:
         rel = " ".join(f"{f} {med(rates[(t, f)], rates[(t, 'q4_0')]):.3f}" for f in formats if f != "q4_0")
