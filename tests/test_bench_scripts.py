@@ -105,3 +105,19 @@ def test_kquants_ab_runs_each_build_on_its_named_path():
     scalar = next(ln for ln in lines if ln.startswith(f"  {tree}@scalar (scalar): q4_0 "))
     assert "vs q4_0: q4_k" in scalar
     assert any(ln.startswith("  q4_k: ") for ln in lines)
+
+
+def test_kquants_ab_interleaves_formats_from_memory_on_two_threads():
+    import llamacpu
+
+    tree = str(Path(os.path.abspath(llamacpu.__file__)).parent.parent)
+    out = subprocess.run([sys.executable, str(BENCH / "kquants_ab.py"), tree, "--formats", "q4_0,q4_k",
+                          "--regime", "dram", "--rows", "64", "--cols", "2048", "--rounds", "2", "--threads", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "2 thread(s)" in lines[0]
+    row = next(ln for ln in lines if ln.startswith(f"  {tree} ("))
+    speeds = row.split("|")[0].split("): ")[1].split()
+    assert speeds[0::2] == ["q4_0", "q4_k"] and all(float(v) > 0 for v in speeds[1::2])
+    assert float(row.split("vs q4_0: q4_k ")[1]) > 0
