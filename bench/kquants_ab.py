@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Kernel speed of two or more builds of llamacpu, side by side: one worker process per build,
-pinned to the same core, each asked in turn (order alternating by round) for its fastest pass
-over each format's matrices, the formats' passes interleaved from memory; reported per build as GB/s of
-weights and per byte against q4_0, and per format as each build's speed over the first build's
-(median over rounds of the ratio of passes measured moments apart). Meant for changes of a few percent on a shared, noisy machine,
-where separate runs of bench/kquants.py drift more than that.
+pinned to the same cores, each asked in turn (order alternating by round) for its fastest pass
+over each format's matrices, the formats' passes interleaved from memory; reported per build
+as GB/s of weights and per byte against q4_0, and per format as each build's speed over the
+first build's (median over rounds of the ratio of passes measured moments apart). Meant for
+changes of a few percent on a shared, noisy machine, where separate runs of bench/kquants.py
+drift more than that.
 
     python bench/kquants_ab.py TREE_A TREE_B [...] [--formats q4_0,q4_k,q6_k] [--rounds 40]
                                [--regime l2|dram] [--tokens 1] [--core 0] [--threads 1] [--rows 4096]

@@ -150,8 +150,7 @@ __attribute__((noinline)) static void q4k_tiles_gemv(const uint8_t* quants, cons
                 isd[u][1] = _mm256_add_epi32(isd[u][1], _mm256_madd_epi16(sum[u][1], _mm256_shuffle_epi8(sc, pair_idx_hi)));
                 // The min term, one sub-block pair per sub-block of the second half, rather
                 // than all four pairs after the last (+1-2% in L2 and from memory; integer
-                // sums, so the same result in any order). The halves are separate loops
-                // (below), so neither tests j and the first holds no min accumulators.
+                // sums, so the same result in any order).
                 if constexpr (decltype(with_min)::value) {
                     const __m256i sums = _mm256_set1_epi32(sp[j - 4]);
                     ism[u][0] = _mm256_add_epi32(ism[u][0], _mm256_madd_epi16(q4k_min_pairs(rb[u], j - 4, 0), sums));
