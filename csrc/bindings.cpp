@@ -366,6 +366,7 @@ class PyKernels {
 public:
     explicit PyKernels(const std::string& isa) : k_(table_or_throw(isa)) {}
     std::string name() const { return k_->name; }
+    bool reads_q6k_offsets() const { return k_->q6k_offsets != nullptr; }
 
     py::tuple quantize_row_q8(py::array x, int64_t group) {
         Rows xr = rows_of(x, "x", false);
@@ -383,6 +384,8 @@ public:
         check_dtype<int8_t>(q, "q");
         need(q.ndim() == 1 && (q.flags() & py::array::c_style) && q.shape(0) % kBlock == 0,
              "q6k_offsets: 1-D int8, length a multiple of 32");
+        if (!k_->q6k_offsets)
+            throw std::invalid_argument(std::string("q6k_offsets: the ") + k_->name + " path's Q6_K kernel does not read them");
         const int64_t nb = q.shape(0) / kBlock;
         py::array_t<int32_t> g(2 * nb);
         k_->q6k_offsets(static_cast<const int8_t*>(q.data()), nb, g.mutable_data());
@@ -606,6 +609,8 @@ PYBIND11_MODULE(_core, m) {
     py::class_<PyKernels>(m, "Kernels")
         .def(py::init<const std::string&>())
         .def_property_readonly("name", &PyKernels::name)
+        .def_property_readonly("q6k_reads_offsets", [](const PyKernels& k) { return k.reads_q6k_offsets(); },
+                               "whether this path's Q6_K kernel reads the per-call group offsets (q6k_offsets)")
         .def("quantize_row_q8", &PyKernels::quantize_row_q8, py::arg("x"), py::arg("group") = kBlock)
         .def("q6k_offsets", &PyKernels::q6k_offsets, py::arg("q"))
         .def("softmax", &PyKernels::softmax)

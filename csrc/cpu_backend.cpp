@@ -183,7 +183,7 @@ private:
         // once per task: a task of a few tiles would otherwise spend a sizeable share of its
         // time recomputing them for all of its tokens.
         int32_t* ag = nullptr;
-        if (w.dtype == kQ6_K) {
+        if (w.dtype == kQ6_K && k_->q6k_offsets) {
             act_g_.resize(size_t(n_tok * 2 * nb));
             ag = act_g_.data();
         }

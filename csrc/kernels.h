@@ -73,7 +73,8 @@ struct KernelTable {
     void (*matmul_q6_k)(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, int64_t tile1,
                         const ActQ8& a, float* out, int64_t ldo, bool accumulate);
 
-    // One token's row of ActQ8::g from its quantized activations (nb blocks of 32).
+    // One token's row of ActQ8::g from its quantized activations (nb blocks of 32); nullptr
+    // where matmul_q6_k does not read ActQ8::g, and the backend then leaves it unset.
     void (*q6k_offsets)(const int8_t* q, int64_t nb, int32_t* g);
 };
 

@@ -236,7 +236,7 @@ const KernelTable LLAMACPU_TABLE = {
     LLAMACPU_NS::f32_to_f16_avx2,
     LLAMACPU_KQ(matmul_q4_k),
     LLAMACPU_KQ(matmul_q6_k),
-    kq_scalar_q6k_offsets,  // once per call, small next to the matmul it serves
+    LLAMACPU_KQ(q6k_offsets),
 };
 
 }  // namespace llamacpu

@@ -505,7 +505,7 @@ const KernelTable LLAMACPU_TABLE = {
     LLAMACPU_NS::f32_to_f16,
     LLAMACPU_KQ(matmul_q4_k),
     LLAMACPU_KQ(matmul_q6_k),
-    kq_scalar_q6k_offsets,  // once per call, small next to the matmul it serves
+    nullptr,  // matmul_q6_k does not read ActQ8::g
 };
 
 }  // namespace llamacpu

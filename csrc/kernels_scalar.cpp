@@ -211,7 +211,7 @@ const KernelTable kScalarKernels = {
     scalar::f32_to_f16,
     kq_scalar_matmul_q4_k,
     kq_scalar_matmul_q6_k,
-    kq_scalar_q6k_offsets,
+    nullptr,  // matmul_q6_k does not read ActQ8::g; kq_scalar_q6k_offsets is the reference of the tables that do
 };
 
 }  // namespace llamacpu

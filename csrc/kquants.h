@@ -85,10 +85,16 @@ static inline int q6k_quant(const uint8_t* sub, int r, int c) {
     void prefix##_matmul_q6_k(const uint8_t* w, int64_t n_rows, int64_t k, int64_t tile0, int64_t tile1,    \
                               const ActQ8& a, float* out, int64_t ldo, bool accumulate);
 
-// ActQ8::g for one token (KernelTable::q6k_offsets): the plain definition, and the AVX2 one.
+// ActQ8::g for one token (KernelTable::q6k_offsets): the plain definition, and the SIMD ones.
 void kq_scalar_q6k_offsets(const int8_t* q, int64_t nb, int32_t* g);
 #if defined(LLAMACPU_HAVE_AVX2)
 void kq_avx2_q6k_offsets(const int8_t* q, int64_t nb, int32_t* g);
+#endif
+#if defined(LLAMACPU_HAVE_AVX512)
+void kq_avx512_q6k_offsets(const int8_t* q, int64_t nb, int32_t* g);
+#endif
+#if defined(LLAMACPU_HAVE_AVX512_EMU)
+void kq_avx512emu_q6k_offsets(const int8_t* q, int64_t nb, int32_t* g);
 #endif
 
 LLAMACPU_KQ_DECLARE(kq_scalar)

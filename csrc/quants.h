@@ -168,7 +168,8 @@ struct ActQ8 {
     // Q6_K matmuls only (KernelTable::q6k_offsets): per token, for each 16-column group of the
     // row (two per block), the int16 pair that group's lanes start from in the AVX2 kernel:
     // low half -32 * sum_v (a[4v] + a[4v+1]), high half -32 * sum_v (a[4v+2] + a[4v+3]).
-    // [T][2 * nb]; the backend fills it once per call, for every thread's share of tiles.
+    // [T][2 * nb]; the backend fills it once per call, for every thread's share of tiles, on
+    // the paths whose Q6_K kernel reads it (AVX2, AVX-512), and leaves it null on the others.
     const int32_t* g = nullptr;
 };
 
