@@ -17,6 +17,14 @@ instead of --isa's, so one build's paths can be set side by side. regime l2: one
 format of about 384 KiB (within a core's L2 cache); dram: 128 MiB of copies of a rows x cols
 matrix per format. --threads N: each worker runs N threads pinned to cores core .. core + N - 1
 (the cores share the memory bus, as a multi-threaded token's matmuls do).
+
+--gauge (dram only): on a shared host the compute a core gets moves too (another tenant on the
+sibling hardware thread, frequency), and the per-byte ratios from memory move with it. Each
+round then times every format once, between two readings of the core's compute speed (the
+build's q4_0 kernel on a matrix in L2, best of 9 short passes), and the per-byte ratios are
+also given for the third of the rounds with the fastest gauge and the third with the slowest.
+Rounds whose two readings differ by more than 10% (the state changed within the round) are
+left out of those two figures.
 """
 
 import argparse
@@ -29,7 +37,8 @@ import time
 BPW = {"q4_0": 4.5, "q4_1": 5.0, "q8_0": 8.5, "q4_k": 4.5, "q6_k": 6.5625}
 
 
-def worker(tree: str, formats: list, regime: str, tokens: int, core: int, threads: int, shape: tuple, isa: str):
+def worker(tree: str, formats: list, regime: str, tokens: int, core: int, threads: int, shape: tuple, isa: str,
+           gauge: bool):
     os.sched_setaffinity(0, set(range(core, core + threads)))
     sys.path.insert(0, tree)
     sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
@@ -55,6 +64,20 @@ def worker(tree: str, formats: list, regime: str, tokens: int, core: int, thread
             ms += [(_core.Matrix(b, 0, kquants.FORMATS[f], rows, cols), b)
                    for b in (kquants.page_aligned(buf) for _ in range(copies - 1))]
         mats[f] = ms
+    if gauge:
+        g_rows = int(384 * 1024 * 8 / BPW["q4_0"] / cols) // 16 * 16
+        g_w = np.random.default_rng(1).standard_normal((g_rows, cols)).astype(np.float32)
+        g_mat, g_buf = kquants.make_matrix(kquants.FORMATS["q4_0"], g_w)
+        g_out = np.zeros((tokens, g_rows), np.float32)
+
+    def gauge_rate():
+        best = float("inf")
+        for _ in range(9):
+            t0 = time.perf_counter()
+            backend.matmul(g_mat, x, g_out)
+            best = min(best, time.perf_counter() - t0)
+        return g_buf.nbytes / best / 1e9
+
     print("ready", backend.name, flush=True)
     passes = 12 if regime == "l2" else 3
     outs = {f: np.zeros((tokens, ms[0][0].rows), np.float32) for f, ms in mats.items()}
@@ -71,8 +94,20 @@ def worker(tree: str, formats: list, regime: str, tokens: int, core: int, thread
     # bandwidth left to this core drifts from one tenth of a second to the next, and blocks
     # of one format's passes measured in turn caught different stretches. In L2 each format
     # keeps its block of passes: the formats' matrices together would not fit.
+    warm = False
     for line in sys.stdin:
         fs = line.split()
+        if gauge:
+            # One pass per format between two readings: short rounds, each in one state of the host.
+            if not warm:
+                for f in fs:
+                    one_pass(f)
+                warm = True
+            g0 = gauge_rate()
+            t = {f: one_pass(f) for f in fs}
+            g1 = gauge_rate()
+            print(" ".join(str(nbytes[f] / t[f] / 1e9) for f in fs), g0, g1, flush=True)
+            continue
         best = dict.fromkeys(fs, float("inf"))
         for group in ([fs] if regime == "dram" else [[f] for f in fs]):
             for f in group:
@@ -95,11 +130,14 @@ def main():
     ap.add_argument("--rows", type=int, default=4096, help="rows of the dram case's matrix")
     ap.add_argument("--cols", type=int, default=4096)
     ap.add_argument("--isa", default="auto", help="the kernel path of every TREE without @ISA")
+    ap.add_argument("--gauge", action="store_true", help="dram: also report rounds by the core's compute speed")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     formats = a.formats.split(",")
+    if a.gauge and a.regime != "dram":
+        ap.error("--gauge needs --regime dram")
     if a.worker:
-        return worker(a.trees[0], formats, a.regime, a.tokens, a.core, a.threads, (a.rows, a.cols), a.isa)
+        return worker(a.trees[0], formats, a.regime, a.tokens, a.core, a.threads, (a.rows, a.cols), a.isa, a.gauge)
     names = list(a.trees)
     procs = {}
     for t in names:
@@ -107,7 +145,7 @@ def main():
         cmd = [sys.executable, os.path.abspath(__file__), tree, "--worker", "--isa", isa or a.isa,
                "--formats", a.formats, "--regime", a.regime, "--tokens", str(a.tokens), "--core", str(a.core),
                "--threads", str(a.threads),
-               "--rows", str(a.rows), "--cols", str(a.cols)]
+               "--rows", str(a.rows), "--cols", str(a.cols)] + (["--gauge"] if a.gauge else [])
         procs[t] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     paths = {}
     for t, p in procs.items():
@@ -116,14 +154,18 @@ def main():
             sys.exit("a worker failed to start")
         paths[t] = ready[1]
     rates = {(t, f): [] for t in names for f in formats}
+    gauges = {t: [] for t in names}
     for r in range(a.rounds):
         # Formats and builds take turns starting, round by round.
         fs = formats[r % len(formats):] + formats[:r % len(formats)]
         for t in names if r % 2 == 0 else names[::-1]:
             procs[t].stdin.write(" ".join(fs) + "\n")
             procs[t].stdin.flush()
-            for f, v in zip(fs, procs[t].stdout.readline().split()):
-                rates[(t, f)].append(float(v))
+            vals = [float(v) for v in procs[t].stdout.readline().split()]
+            for f, v in zip(fs, vals):
+                rates[(t, f)].append(v)
+            if a.gauge:
+                gauges[t].append(vals[len(fs):])
     for p in procs.values():
         p.stdin.close()
         p.wait()
@@ -135,6 +177,17 @@ def main():
         print(f"  {t} ({paths[t]}): " + " ".join(f"{f} {max(rates[(t, f)]):.2f}" for f in formats) + (f"  | vs q4_0: {rel}" if rel else ""))
     for f in formats:
         print(f"  {f}: " + " ".join(f"{t} {med(rates[(t, f)], rates[(names[0], f)]):.3f}" for t in names[1:]))
+    if a.gauge and "q4_0" in formats:
+        print("by the core's compute (gauge: the build's q4_0 in L2), per byte against q4_0 (median over rounds)")
+        for t in names:
+            steady = sorted((min(g), i) for i, g in enumerate(gauges[t]) if max(g) <= 1.1 * min(g))
+            third = len(steady) // 3
+            for label, part in (("fastest third", steady[-third:]), ("slowest third", steady[:third])):
+                if not third:
+                    continue
+                rel = " ".join(f"{f} {statistics.median(rates[(t, f)][i] / rates[(t, 'q4_0')][i] for _, i in part):.3f}"
+                               for f in formats if f != "q4_0")
+                print(f"  {t} {label} of {len(steady)} steady rounds (gauge {part[0][0]:.1f}-{part[-1][0]:.1f} GB/s): {rel}")
 
 
 if __name__ == "__main__":

@@ -121,3 +121,25 @@ def test_kquants_ab_interleaves_formats_from_memory_on_two_threads():
     speeds = row.split("|")[0].split("): ")[1].split()
     assert speeds[0::2] == ["q4_0", "q4_k"] and all(float(v) > 0 for v in speeds[1::2])
     assert float(row.split("vs q4_0: q4_k ")[1]) > 0
+
+
+def test_kquants_ab_gauge_reports_the_fastest_and_slowest_third_of_rounds():
+    import llamacpu
+
+    tree = str(Path(os.path.abspath(llamacpu.__file__)).parent.parent)
+    cmd = [sys.executable, str(BENCH / "kquants_ab.py"), tree, "--formats", "q4_0,q4_k,q6_k", "--rows", "64",
+           "--cols", "2048", "--rounds", "9"]
+    out = subprocess.run(cmd + ["--regime", "dram", "--gauge"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    thirds = [ln for ln in lines if ln.startswith(f"  {tree} ") and " third of " in ln]
+    # Rounds whose two readings disagree are left out; a noisy host may leave fewer than three.
+    assert len(thirds) in (0, 2), out.stdout
+    for ln, label in zip(thirds, ("fastest", "slowest")):
+        assert f" {label} third of " in ln
+        lo, hi = (float(v) for v in ln.split("(gauge ")[1].split(" GB/s")[0].split("-"))
+        assert 0 < lo <= hi
+        ratios = ln.split("): ")[1].split()
+        assert ratios[0::2] == ["q4_k", "q6_k"] and all(float(v) > 0 for v in ratios[1::2])
+    bad = subprocess.run(cmd + ["--regime", "l2", "--gauge"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--gauge needs --regime dram" in bad.stderr
