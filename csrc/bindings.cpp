@@ -408,7 +408,7 @@ public:
         need(n_pos > 0 && hd > 0 && n_rep > 0 && n_rep <= qr.cols / hd && qr.rows == 1 && qr.cols == n_rep * hd &&
                  o.cols == qr.cols,
              "attention: bad shape");
-        std::vector<float> scores(static_cast<size_t>(n_pos));
+        std::vector<float> scores(static_cast<size_t>(kAttentionHeadGroup * n_pos));
         k_->attention(qr.p, k.data(), v.data(), f16, n_pos, hd, n_rep, scale, scores.data(), o.p);
     }
 

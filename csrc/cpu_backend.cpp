@@ -105,7 +105,8 @@ public:
                    int64_t n_heads, float scale, float* out, int64_t ldo) override {
         const int64_t hd = c.head_dim;
         const int64_t n_rep = n_heads / c.n_kv_heads;
-        scratch_scores_.resize(size_t(pool_.size()) * size_t(c.n_ctx));
+        const int64_t per_thread = kAttentionHeadGroup * c.n_ctx;
+        scratch_scores_.resize(size_t(pool_.size() * per_thread));
         float* scores = scratch_scores_.data();
         int64_t work = 0;
         for (int64_t t = 0; t < n_tok; ++t) work += (int64_t(pos[t]) + 1) * hd * n_heads;
@@ -113,7 +114,7 @@ public:
             const int64_t t = task / c.n_kv_heads, h = task % c.n_kv_heads;
             const int64_t off = h * n_rep * hd;
             k_->attention(q + t * ldq + off, c.k(layer, h, 0), c.v(layer, h, 0), c.f16, int64_t(pos[t]) + 1, hd,
-                          n_rep, scale, scores + thread * c.n_ctx, out + t * ldo + off);
+                          n_rep, scale, scores + thread * per_thread, out + t * ldo + off);
         });
     }
 

@@ -15,6 +15,10 @@
 
 namespace llamacpu {
 
+// Query heads that the SIMD attention kernels take through the keys and values together (one
+// load of each key or value vector serves all of them), and so the scores they keep at once.
+constexpr int64_t kAttentionHeadGroup = 4;
+
 struct KernelTable {
     const char* name;
 
@@ -57,7 +61,7 @@ struct KernelTable {
 
     // Attention of n_rep query heads (q: n_rep*hd floats) that share one key/value head over
     // positions [0, n_pos): keys and values are rows of hd elements, f32 (kv_f16 = false) or
-    // f16. scores: scratch of at least n_pos floats. out: n_rep*hd floats.
+    // f16. scores: scratch of at least kAttentionHeadGroup * n_pos floats. out: n_rep*hd floats.
     void (*attention)(const float* q, const void* k, const void* v, bool kv_f16, int64_t n_pos,
                       int64_t hd, int64_t n_rep, float scale, float* scores, float* out);
 

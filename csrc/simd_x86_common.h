@@ -187,39 +187,101 @@ static inline float dot_kv(const float* q, const void* k, bool f16, int64_t base
     return s;
 }
 
-// See KernelTable::attention. Scores of 8 positions are reduced together (hsum256x8).
+// Scores of G query heads (q: G rows of hd floats) against every position, head g's in
+// sc[g * n_pos ..]. Each key vector is loaded (and converted from f16) once for all G heads,
+// so the keys leave L2 once per group rather than once per head. Positions in whole blocks of
+// 8 are reduced with hsum256x8, P = 8 / G of them for each of the G heads per call, the rest one
+// by one (dot_kv): each lane of hsum256x8 reduces its own vector by the same tree whatever the
+// other seven hold, so a head's scores never depend on G.
+template <int G>
+static inline void attention_scores_avx2(const float* q, const void* k, bool f16, int64_t n_pos, int64_t hd, float scale,
+                                         float* sc) {
+    constexpr int P = 8 / G;
+    const int64_t n8 = n_pos & ~int64_t(7);
+    for (int64_t j = 0; j < n8; j += P) {
+        __m256 acc[8];
+        for (int a = 0; a < 8; ++a) acc[a] = _mm256_setzero_ps();
+        for (int64_t i = 0; i < hd; i += 8) {
+            __m256 kv[P];
+            for (int p = 0; p < P; ++p) kv[p] = load8_kv(k, f16, (j + p) * hd + i);
+            for (int g = 0; g < G; ++g) {
+                const __m256 qv = _mm256_loadu_ps(q + g * hd + i);
+                for (int p = 0; p < P; ++p) acc[g * P + p] = _mm256_fmadd_ps(qv, kv[p], acc[g * P + p]);
+            }
+        }
+        alignas(32) float s[8];  // lane g * P + p: head g, position j + p
+        _mm256_store_ps(s, _mm256_mul_ps(hsum256x8(acc), _mm256_set1_ps(scale)));
+        for (int g = 0; g < G; ++g)
+            for (int p = 0; p < P; ++p) sc[g * n_pos + j + p] = s[g * P + p];
+    }
+    for (int g = 0; g < G; ++g)
+        for (int64_t j = n8; j < n_pos; ++j) sc[g * n_pos + j] = dot_kv(q + g * hd, k, f16, j * hd, hd) * scale;
+}
+
+// out[g][c] = sum_j p[g][j] * v[j][c] for G heads, columns in blocks of
+// 8 / G vectors, positions in order; each value vector is loaded once for all G heads.
+template <int G>
+static inline void attention_values_avx2(const float* sc, const void* v, bool f16, int64_t n_pos, int64_t hd,
+                                         float* out) {
+    constexpr int C = 8 / G;
+    int64_t c0 = 0;
+    for (; c0 + 8 * C <= hd; c0 += 8 * C) {
+        __m256 acc[8];
+        for (int a = 0; a < 8; ++a) acc[a] = _mm256_setzero_ps();
+        for (int64_t jj = 0; jj < n_pos; ++jj) {
+            __m256 vv[C];
+            for (int c = 0; c < C; ++c) vv[c] = load8_kv(v, f16, jj * hd + c0 + 8 * c);
+            for (int g = 0; g < G; ++g) {
+                const __m256 p = _mm256_set1_ps(sc[g * n_pos + jj]);
+                for (int c = 0; c < C; ++c) acc[g * C + c] = _mm256_fmadd_ps(p, vv[c], acc[g * C + c]);
+            }
+        }
+        for (int g = 0; g < G; ++g)
+            for (int c = 0; c < C; ++c) _mm256_storeu_ps(out + g * hd + c0 + 8 * c, acc[g * C + c]);
+    }
+    for (; c0 < hd; c0 += 8) {
+        __m256 acc[G];
+        for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
+        for (int64_t jj = 0; jj < n_pos; ++jj) {
+            const __m256 vv = load8_kv(v, f16, jj * hd + c0);
+            for (int g = 0; g < G; ++g) acc[g] = _mm256_fmadd_ps(_mm256_set1_ps(sc[g * n_pos + jj]), vv, acc[g]);
+        }
+        for (int g = 0; g < G; ++g) _mm256_storeu_ps(out + g * hd + c0, acc[g]);
+    }
+}
+
+template <int G>
+static inline void attention_group_avx2(const float* q, const void* k, const void* v, bool f16, int64_t n_pos,
+                                        int64_t hd, float scale, float* scores, float* out) {
+    attention_scores_avx2<G>(q, k, f16, n_pos, hd, scale, scores);
+    for (int g = 0; g < G; ++g) softmax_avx2(scores + g * n_pos, n_pos);
+    attention_values_avx2<G>(scores, v, f16, n_pos, hd, out);
+}
+
+// See KernelTable::attention. When hd is a multiple of 8 the heads go through the keys and
+// values in groups of kAttentionHeadGroup (then 2, then 1), each key and value vector loaded
+// once per group. One head at a time re-read a long cache from L2 for every head, and the
+// reading bounded the kernel: with f32 keys and values, twice the bytes, a call took 40%
+// longer than with f16. Groups of 8 would need more loads than multiply-adds. Per head, every
+// score and output lane sees the same operations in the same order whatever the group, so a
+// result never depends on n_rep.
 static inline void attention_avx2(const float* q, const void* k, const void* v, bool kv_f16, int64_t n_pos,
                                   int64_t hd, int64_t n_rep, float scale, float* scores, float* out) {
+    static_assert(kAttentionHeadGroup == 4, "the groups below");
+    if (hd % 8 == 0) {
+        int64_t r = 0;
+        for (; r + 4 <= n_rep; r += 4) attention_group_avx2<4>(q + r * hd, k, v, kv_f16, n_pos, hd, scale, scores, out + r * hd);
+        for (; r + 2 <= n_rep; r += 2) attention_group_avx2<2>(q + r * hd, k, v, kv_f16, n_pos, hd, scale, scores, out + r * hd);
+        for (; r < n_rep; ++r) attention_group_avx2<1>(q + r * hd, k, v, kv_f16, n_pos, hd, scale, scores, out + r * hd);
+        return;
+    }
     const int64_t hd8 = hd & ~int64_t(7);
     for (int64_t r = 0; r < n_rep; ++r) {
         const float* qr = q + r * hd;
-        int64_t j = 0;
-        if (hd8 == hd) {
-            for (; j + 8 <= n_pos; j += 8) {
-                __m256 acc[8];
-                for (int p = 0; p < 8; ++p) acc[p] = _mm256_setzero_ps();
-                for (int64_t i = 0; i < hd; i += 8) {
-                    const __m256 qv = _mm256_loadu_ps(qr + i);
-                    for (int p = 0; p < 8; ++p)
-                        acc[p] = _mm256_fmadd_ps(qv, load8_kv(k, kv_f16, (j + p) * hd + i), acc[p]);
-                }
-                _mm256_storeu_ps(scores + j, _mm256_mul_ps(hsum256x8(acc), _mm256_set1_ps(scale)));
-            }
-        }
-        for (; j < n_pos; ++j) scores[j] = dot_kv(qr, k, kv_f16, j * hd, hd) * scale;
+        for (int64_t j = 0; j < n_pos; ++j) scores[j] = dot_kv(qr, k, kv_f16, j * hd, hd) * scale;
         softmax_avx2(scores, n_pos);
         float* o = out + r * hd;
-        int64_t c0 = 0;
-        for (; c0 + 64 <= hd8; c0 += 64) {
-            __m256 acc[8];
-            for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
-            for (int64_t jj = 0; jj < n_pos; ++jj) {
-                const __m256 p = _mm256_set1_ps(scores[jj]);
-                for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(p, load8_kv(v, kv_f16, jj * hd + c0 + 8 * c), acc[c]);
-            }
-            for (int c = 0; c < 8; ++c) _mm256_storeu_ps(o + c0 + 8 * c, acc[c]);
-        }
-        for (; c0 + 8 <= hd8; c0 += 8) {
+        for (int64_t c0 = 0; c0 < hd8; c0 += 8) {
             __m256 acc = _mm256_setzero_ps();
             for (int64_t jj = 0; jj < n_pos; ++jj)
                 acc = _mm256_fmadd_ps(_mm256_set1_ps(scores[jj]), load8_kv(v, kv_f16, jj * hd + c0), acc);

@@ -143,3 +143,15 @@ def test_kquants_ab_gauge_reports_the_fastest_and_slowest_third_of_rounds():
         assert ratios[0::2] == ["q4_k", "q6_k"] and all(float(v) > 0 for v in ratios[1::2])
     bad = subprocess.run(cmd + ["--regime", "l2", "--gauge"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--gauge needs --regime dram" in bad.stderr
+
+
+def test_attention_bench_compares_builds_per_cache_length():
+    import llamacpu
+
+    tree = str(Path(os.path.abspath(llamacpu.__file__)).parent.parent)
+    got = run_json(BENCH / "attention.py", tree, tree + "@scalar", "--pos", 8, 40, "--hd", 16, "--rep", 3,
+                   "--rounds", 2)
+    assert [(r["tree"], r["positions"]) for r in got] == [(t, n) for t in (tree, tree + "@scalar") for n in (8, 40)]
+    assert all(r["us"] > 0 and r["vs_first"] > 0 for r in got)
+    assert [r["isa"] for r in got][2:] == ["scalar", "scalar"]
+    assert got[0]["vs_first"] == pytest.approx(1.0)

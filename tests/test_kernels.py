@@ -683,7 +683,7 @@ def attention_reference(q, k, v, n_rep, scale):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("kv", ["f32", "f16"])
 @pytest.mark.parametrize("hd", [6, 8, 12, 64, 128])
-@pytest.mark.parametrize("n_rep", [1, 2, 4])
+@pytest.mark.parametrize("n_rep", [1, 2, 4, 7])
 def test_attention_kernel(isa, kv, hd, n_rep):
     kernels = _core.Kernels(isa)
     for n_pos in (1, 7, 8, 9, 100):
@@ -701,6 +701,27 @@ def test_attention_kernel(isa, kv, hd, n_rep):
         kernels.attention(q, k_arg, v_arg, n_rep, scale, out)
         ref, bound = attention_reference(q, k, v, n_rep, scale)
         assert np.all(np.abs(out - ref) <= bound), f"n_pos={n_pos}: max excess {np.max(np.abs(out - ref) - bound)}"
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("kv", ["f32", "f16"])
+@pytest.mark.parametrize("hd", [12, 64])
+def test_attention_head_does_not_depend_on_its_group(isa, kv, hd):
+    """The SIMD kernels take query heads through the keys in groups (4, then 2, then 1): each
+    head's output is bit for bit what it gets alone."""
+    kernels = _core.Kernels(isa)
+    rng = rng_for("attgroup", isa, kv, hd)
+    n_rep, n_pos = 7, 37
+    q = rng.standard_normal(n_rep * hd).astype(np.float32)
+    k, v = (rng.standard_normal((n_pos, hd)).astype(np.float32) for _ in range(2))
+    if kv == "f16":
+        k, v = k.astype(np.float16).view(np.uint16), v.astype(np.float16).view(np.uint16)
+    together = np.zeros(n_rep * hd, np.float32)
+    kernels.attention(q, k, v, n_rep, 0.3, together)
+    for r in range(n_rep):
+        alone = np.zeros(hd, np.float32)
+        kernels.attention(q[r * hd:(r + 1) * hd].copy(), k, v, 1, 0.3, alone)
+        np.testing.assert_array_equal(together[r * hd:(r + 1) * hd], alone, err_msg=f"head {r}")
 
 
 def fill_cache(backend, cache, rng, n_layers, n_kv, hd, n_pos):

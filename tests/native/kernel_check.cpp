@@ -661,7 +661,7 @@ void check_attention_case(Result& res, bool kv_f16, int64_t n_pos, int64_t hd, i
     const void* k = kv_f16 ? static_cast<const void*>(kh.data()) : kf.data();
     const void* v = kv_f16 ? static_cast<const void*>(vh.data()) : vf.data();
     const float scale = 1.0f / std::sqrt(float(hd));
-    std::vector<float> scores(n_pos), got(n_rep * hd), want(n_rep * hd);
+    std::vector<float> scores(kAttentionHeadGroup * n_pos), got(n_rep * hd), want(n_rep * hd);
     simd.attention(q.data(), k, v, kv_f16, n_pos, hd, n_rep, scale, scores.data(), got.data());
     ref.attention(q.data(), k, v, kv_f16, n_pos, hd, n_rep, scale, scores.data(), want.data());
     for (int64_t r = 0; r < n_rep; ++r) {
@@ -698,7 +698,8 @@ Result check_attention() {
     for (int kv_f16 = 0; kv_f16 < 2; ++kv_f16)
         for (int64_t n_pos : {1, 2, 3, 4, 5, 8, 9, 17, 40})
             for (int64_t hd : {2, 4, 6, 8, 12, 36, 64, 100, 128})
-                for (int64_t n_rep : {1, 3}) check_attention_case(res, kv_f16, n_pos, hd, n_rep);
+                // 7: head groups of 4, 2 and 1 (kAttentionHeadGroup).
+                for (int64_t n_rep : {1, 3, 7}) check_attention_case(res, kv_f16, n_pos, hd, n_rep);
     return res;
 }
 
