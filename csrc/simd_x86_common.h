@@ -205,7 +205,11 @@ static inline void attention_scores_avx2(const float* q, const void* k, bool f16
             __m256 kv[P];
             for (int p = 0; p < P; ++p) kv[p] = load8_kv(k, f16, (j + p) * hd + i);
             for (int g = 0; g < G; ++g) {
-                const __m256 qv = _mm256_loadu_ps(q + g * hd + i);
+                // One load per query vector: left alone, GCC folds it into each of the P
+                // multiply-adds as a memory operand, P loads instead of one, and with G = 4 the
+                // loads bounded the loop (scores 1.55x slower than with the register kept).
+                __m256 qv = _mm256_loadu_ps(q + g * hd + i);
+                __asm__("" : "+x"(qv));
                 for (int p = 0; p < P; ++p) acc[g * P + p] = _mm256_fmadd_ps(qv, kv[p], acc[g * P + p]);
             }
         }
