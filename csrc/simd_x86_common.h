@@ -206,8 +206,8 @@ static inline void attention_scores_avx2(const float* q, const void* k, bool f16
             for (int p = 0; p < P; ++p) kv[p] = load8_kv(k, f16, (j + p) * hd + i);
             for (int g = 0; g < G; ++g) {
                 // One load per query vector: left alone, GCC folds it into each of the P
-                // multiply-adds as a memory operand, P loads instead of one, and with G = 4 the
-                // loads bounded the loop (scores 1.55x slower than with the register kept).
+                // multiply-adds as a memory operand (for groups of 4, ten loads per eight
+                // multiply-adds instead of six).
                 __m256 qv = _mm256_loadu_ps(q + g * hd + i);
                 __asm__("" : "+x"(qv));
                 for (int p = 0; p < P; ++p) acc[g * P + p] = _mm256_fmadd_ps(qv, kv[p], acc[g * P + p]);
@@ -222,36 +222,41 @@ static inline void attention_scores_avx2(const float* q, const void* k, bool f16
         for (int64_t j = n8; j < n_pos; ++j) sc[g * n_pos + j] = dot_kv(q + g * hd, k, f16, j * hd, hd) * scale;
 }
 
-// out[g][c] = sum_j p[g][j] * v[j][c] for G heads, columns in blocks of
-// 8 / G vectors, positions in order; each value vector is loaded once for all G heads.
-template <int G>
+// Accumulator registers of the values pass: 8 of AVX2's 16, 16 of AVX-512's 32 (the AVX-512
+// table compiles this file with its flags, so the same loops get the extra registers).
+#ifdef __AVX512F__
+constexpr int kValueAccs = 16;
+#else
+constexpr int kValueAccs = 8;
+#endif
+
+// Columns [c0, c0 + 8 C) of out[g][c] = sum_j p[g][j] * v[j][c] for G heads, positions in
+// order; each value vector is loaded once for all G heads.
+template <int G, int C>
+static inline void attention_values_block(const float* sc, const void* v, bool f16, int64_t n_pos, int64_t hd,
+                                          int64_t c0, float* out) {
+    __m256 acc[G * C];
+    for (int a = 0; a < G * C; ++a) acc[a] = _mm256_setzero_ps();
+    for (int64_t jj = 0; jj < n_pos; ++jj) {
+        __m256 vv[C];
+        for (int c = 0; c < C; ++c) vv[c] = load8_kv(v, f16, jj * hd + c0 + 8 * c);
+        for (int g = 0; g < G; ++g) {
+            const __m256 p = _mm256_set1_ps(sc[g * n_pos + jj]);
+            for (int c = 0; c < C; ++c) acc[g * C + c] = _mm256_fmadd_ps(p, vv[c], acc[g * C + c]);
+        }
+    }
+    for (int g = 0; g < G; ++g)
+        for (int c = 0; c < C; ++c) _mm256_storeu_ps(out + g * hd + c0 + 8 * c, acc[g * C + c]);
+}
+
+// All hd columns (a multiple of 8) in blocks of C vectors, then C / 2, ... 1. Every output lane
+// sees the same multiply-adds in the same order whatever the blocking, so the bits do not
+// depend on G or on the register count.
+template <int G, int C = kValueAccs / G>
 static inline void attention_values_avx2(const float* sc, const void* v, bool f16, int64_t n_pos, int64_t hd,
-                                         float* out) {
-    constexpr int C = 8 / G;
-    int64_t c0 = 0;
-    for (; c0 + 8 * C <= hd; c0 += 8 * C) {
-        __m256 acc[8];
-        for (int a = 0; a < 8; ++a) acc[a] = _mm256_setzero_ps();
-        for (int64_t jj = 0; jj < n_pos; ++jj) {
-            __m256 vv[C];
-            for (int c = 0; c < C; ++c) vv[c] = load8_kv(v, f16, jj * hd + c0 + 8 * c);
-            for (int g = 0; g < G; ++g) {
-                const __m256 p = _mm256_set1_ps(sc[g * n_pos + jj]);
-                for (int c = 0; c < C; ++c) acc[g * C + c] = _mm256_fmadd_ps(p, vv[c], acc[g * C + c]);
-            }
-        }
-        for (int g = 0; g < G; ++g)
-            for (int c = 0; c < C; ++c) _mm256_storeu_ps(out + g * hd + c0 + 8 * c, acc[g * C + c]);
-    }
-    for (; c0 < hd; c0 += 8) {
-        __m256 acc[G];
-        for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
-        for (int64_t jj = 0; jj < n_pos; ++jj) {
-            const __m256 vv = load8_kv(v, f16, jj * hd + c0);
-            for (int g = 0; g < G; ++g) acc[g] = _mm256_fmadd_ps(_mm256_set1_ps(sc[g * n_pos + jj]), vv, acc[g]);
-        }
-        for (int g = 0; g < G; ++g) _mm256_storeu_ps(out + g * hd + c0, acc[g]);
-    }
+                                         float* out, int64_t c0 = 0) {
+    for (; c0 + 8 * C <= hd; c0 += 8 * C) attention_values_block<G, C>(sc, v, f16, n_pos, hd, c0, out);
+    if constexpr (C > 1) attention_values_avx2<G, C / 2>(sc, v, f16, n_pos, hd, out, c0);
 }
 
 template <int G>
