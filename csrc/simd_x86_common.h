@@ -11,6 +11,16 @@
 static inline void running_sum(__m256i& v) { __asm__("" : "+x"(v)); }
 static inline void running_sum(__m256i& a, __m256i& b) { __asm__("" : "+x"(a), "+x"(b)); }
 
+// Keeps v in a register for its uses instead of letting GCC fold its load into each of them as
+// a memory operand. SIMDe's emulated vectors are not registers, so there it does nothing.
+static inline void keep_in_register(__m256& v) {
+#if defined(LLAMACPU_SIMDE)
+    (void)v;
+#else
+    __asm__("" : "+x"(v));
+#endif
+}
+
 static inline __m256i bcast4(const int8_t* p) {
     int32_t v;
     std::memcpy(&v, p, 4);
@@ -209,7 +219,7 @@ static inline void attention_scores_avx2(const float* q, const void* k, bool f16
                 // multiply-adds as a memory operand (for groups of 4, ten loads per eight
                 // multiply-adds instead of six).
                 __m256 qv = _mm256_loadu_ps(q + g * hd + i);
-                __asm__("" : "+x"(qv));
+                keep_in_register(qv);
                 for (int p = 0; p < P; ++p) acc[g * P + p] = _mm256_fmadd_ps(qv, kv[p], acc[g * P + p]);
             }
         }
