@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "quants.h"
 
@@ -18,6 +19,17 @@ namespace llamacpu {
 // Query heads that the SIMD attention kernels take through the keys and values together (one
 // load of each key or value vector serves all of them), and so the scores they keep at once.
 constexpr int64_t kAttentionHeadGroup = 4;
+
+// Calls group(g, r) over n_rep query heads in groups of kAttentionHeadGroup, then 2, then 1:
+// g an std::integral_constant holding the group's size, r its first head.
+template <class Group>
+inline void for_attention_head_groups(int64_t n_rep, Group&& group) {
+    static_assert(kAttentionHeadGroup == 4, "the groups below");
+    int64_t r = 0;
+    for (; r + 4 <= n_rep; r += 4) group(std::integral_constant<int, 4>{}, r);
+    for (; r + 2 <= n_rep; r += 2) group(std::integral_constant<int, 2>{}, r);
+    for (; r < n_rep; ++r) group(std::integral_constant<int, 1>{}, r);
+}
 
 struct KernelTable {
     const char* name;

@@ -225,59 +225,91 @@ static inline float dot_kv(const float* q, const void* k, bool f16, int64_t base
     return s;
 }
 
-// Scores of 4 positions at a time when hd % 4 == 0 (each summed as dot_kv does, so the
-// blocking never changes a score).
+// Scores of G query heads (qr: G rows of hd floats) against every position, head g's in
+// scores[g * n_pos ..], 4 positions at a time when hd % 4 == 0. Each key vector is loaded (and
+// converted from f16) once for all G heads, so a long cache leaves L2 once per group rather
+// than once per head (the x86 kernels' grouping, simd_x86_common.h). Each score is summed as
+// dot_kv sums it, so neither the blocking nor G ever changes a score.
+template <int G>
 static inline void attention_scores(const float* qr, const void* k, bool kv_f16, int64_t n_pos, int64_t hd,
                                     float scale, float* scores) {
     int64_t j = 0;
     if (hd % 4 == 0) {
         for (; j + 4 <= n_pos; j += 4) {
-            float32x4_t acc[4];
-            for (int p = 0; p < 4; ++p) acc[p] = vdupq_n_f32(0.0f);
+            float32x4_t acc[G][4];
+            for (int g = 0; g < G; ++g)
+                for (int p = 0; p < 4; ++p) acc[g][p] = vdupq_n_f32(0.0f);
             for (int64_t i = 0; i < hd; i += 4) {
-                const float32x4_t qv = vld1q_f32(qr + i);
-                for (int p = 0; p < 4; ++p) acc[p] = vfmaq_f32(acc[p], qv, load4_kv(k, kv_f16, (j + p) * hd + i));
+                float32x4_t kv[4];
+                for (int p = 0; p < 4; ++p) kv[p] = load4_kv(k, kv_f16, (j + p) * hd + i);
+                for (int g = 0; g < G; ++g) {
+                    const float32x4_t qv = vld1q_f32(qr + g * hd + i);
+                    for (int p = 0; p < 4; ++p) acc[g][p] = vfmaq_f32(acc[g][p], qv, kv[p]);
+                }
             }
-            vst1q_f32(scores + j, vmulq_f32(hsum4x4(acc[0], acc[1], acc[2], acc[3]), vdupq_n_f32(scale)));
+            for (int g = 0; g < G; ++g)
+                vst1q_f32(scores + g * n_pos + j,
+                          vmulq_f32(hsum4x4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]), vdupq_n_f32(scale)));
         }
     }
-    for (; j < n_pos; ++j) scores[j] = dot_kv(qr, k, kv_f16, j * hd, hd) * scale;
+    for (int g = 0; g < G; ++g)
+        for (int64_t jj = j; jj < n_pos; ++jj) scores[g * n_pos + jj] = dot_kv(qr + g * hd, k, kv_f16, jj * hd, hd) * scale;
 }
 
-// o[c] = sum_j scores[j] * v[j][c]: columns in register blocks, positions in order.
+// Columns [c0, c0 + 4 C) of o[g][c] = sum_j p[g][j] * v[j][c] for G heads, positions in order;
+// each value vector is loaded once for all G heads.
+template <int G, int C>
+static inline void attention_values_block(const float* scores, const void* v, bool kv_f16, int64_t n_pos,
+                                          int64_t hd, int64_t c0, float* o) {
+    float32x4_t acc[G][C];
+    for (int g = 0; g < G; ++g)
+        for (int c = 0; c < C; ++c) acc[g][c] = vdupq_n_f32(0.0f);
+    for (int64_t j = 0; j < n_pos; ++j) {
+        float32x4_t vv[C];
+        for (int c = 0; c < C; ++c) vv[c] = load4_kv(v, kv_f16, j * hd + c0 + 4 * c);
+        for (int g = 0; g < G; ++g) {
+            const float32x4_t p = vdupq_n_f32(scores[g * n_pos + j]);
+            for (int c = 0; c < C; ++c) acc[g][c] = vfmaq_f32(acc[g][c], p, vv[c]);
+        }
+    }
+    for (int g = 0; g < G; ++g)
+        for (int c = 0; c < C; ++c) vst1q_f32(o + g * hd + c0 + 4 * c, acc[g][c]);
+}
+
+// All columns of G heads: blocks of C vectors, then single vectors, then single columns. Every
+// output lane sees the same multiply-adds in the same order whatever the blocking and G. C
+// keeps accumulators and value vectors within the 32 registers (16 + 4 for four heads; two
+// heads with 8 vectors each spilled).
+template <int G>
 static inline void attention_values(const float* scores, const void* v, bool kv_f16, int64_t n_pos, int64_t hd,
                                     float* o) {
+    constexpr int C = G == 1 ? 8 : 4;
     const int64_t hd4 = hd & ~int64_t(3);
     int64_t c0 = 0;
-    for (; c0 + 32 <= hd4; c0 += 32) {
-        float32x4_t acc[8];
-        for (int c = 0; c < 8; ++c) acc[c] = vdupq_n_f32(0.0f);
-        for (int64_t j = 0; j < n_pos; ++j) {
-            const float32x4_t p = vdupq_n_f32(scores[j]);
-            for (int c = 0; c < 8; ++c) acc[c] = vfmaq_f32(acc[c], p, load4_kv(v, kv_f16, j * hd + c0 + 4 * c));
+    for (; c0 + 4 * C <= hd4; c0 += 4 * C) attention_values_block<G, C>(scores, v, kv_f16, n_pos, hd, c0, o);
+    for (; c0 < hd4; c0 += 4) attention_values_block<G, 1>(scores, v, kv_f16, n_pos, hd, c0, o);
+    for (int g = 0; g < G; ++g)
+        for (int64_t c = hd4; c < hd; ++c) {
+            float acc = 0.0f;
+            for (int64_t j = 0; j < n_pos; ++j) acc += scores[g * n_pos + j] * load1_kv(v, kv_f16, j * hd + c);
+            o[g * hd + c] = acc;
         }
-        for (int c = 0; c < 8; ++c) vst1q_f32(o + c0 + 4 * c, acc[c]);
-    }
-    for (; c0 < hd4; c0 += 4) {
-        float32x4_t acc = vdupq_n_f32(0.0f);
-        for (int64_t j = 0; j < n_pos; ++j)
-            acc = vfmaq_f32(acc, vdupq_n_f32(scores[j]), load4_kv(v, kv_f16, j * hd + c0));
-        vst1q_f32(o + c0, acc);
-    }
-    for (int64_t c = hd4; c < hd; ++c) {
-        float acc = 0.0f;
-        for (int64_t j = 0; j < n_pos; ++j) acc += scores[j] * load1_kv(v, kv_f16, j * hd + c);
-        o[c] = acc;
-    }
 }
 
+template <int G>
+static inline void attention_group(const float* q, const void* k, const void* v, bool kv_f16, int64_t n_pos,
+                                   int64_t hd, float scale, float* scores, float* out) {
+    attention_scores<G>(q, k, kv_f16, n_pos, hd, scale, scores);
+    for (int g = 0; g < G; ++g) softmax(scores + g * n_pos, n_pos);
+    attention_values<G>(scores, v, kv_f16, n_pos, hd, out);
+}
+
+// Query heads in groups of kAttentionHeadGroup, then 2, then 1 (see attention_scores).
 static void attention(const float* q, const void* k, const void* v, bool kv_f16, int64_t n_pos, int64_t hd,
                       int64_t n_rep, float scale, float* scores, float* out) {
-    for (int64_t r = 0; r < n_rep; ++r) {
-        attention_scores(q + r * hd, k, kv_f16, n_pos, hd, scale, scores);
-        softmax(scores, n_pos);
-        attention_values(scores, v, kv_f16, n_pos, hd, out + r * hd);
-    }
+    for_attention_head_groups(n_rep, [&](auto g, int64_t r) {
+        attention_group<decltype(g)::value>(q + r * hd, k, v, kv_f16, n_pos, hd, scale, scores, out + r * hd);
+    });
 }
 
 // ---- float matmuls (F16 / F32 weights, f32 activations) ---------------------------------

@@ -286,12 +286,10 @@ static inline void attention_group_avx2(const float* q, const void* k, const voi
 // result never depends on n_rep.
 static inline void attention_avx2(const float* q, const void* k, const void* v, bool kv_f16, int64_t n_pos,
                                   int64_t hd, int64_t n_rep, float scale, float* scores, float* out) {
-    static_assert(kAttentionHeadGroup == 4, "the groups below");
     if (hd % 8 == 0) {
-        int64_t r = 0;
-        for (; r + 4 <= n_rep; r += 4) attention_group_avx2<4>(q + r * hd, k, v, kv_f16, n_pos, hd, scale, scores, out + r * hd);
-        for (; r + 2 <= n_rep; r += 2) attention_group_avx2<2>(q + r * hd, k, v, kv_f16, n_pos, hd, scale, scores, out + r * hd);
-        for (; r < n_rep; ++r) attention_group_avx2<1>(q + r * hd, k, v, kv_f16, n_pos, hd, scale, scores, out + r * hd);
+        for_attention_head_groups(n_rep, [&](auto g, int64_t r) {
+            attention_group_avx2<decltype(g)::value>(q + r * hd, k, v, kv_f16, n_pos, hd, scale, scores, out + r * hd);
+        });
         return;
     }
     const int64_t hd8 = hd & ~int64_t(7);
